@@ -167,7 +167,7 @@ def fetch_alias(name: str) -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     path = Path(path)
     with open(path, "rb") as handle:
@@ -175,22 +175,31 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
             raise SafetylockError(f"{path} is not a GGUF file (bad magic bytes); pass a .gguf model file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        packed = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+        )
     except SafetylockError:
         raise
     except Exception as exc:  # gguf raises many types on truncated files
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
         raise SafetylockError(
-            f"could not read GGUF {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-            "the file is corrupt or truncated: download it again"
+            f"could not read GGUF {path} ({type(exc).__name__}: {first}); the file is corrupt or truncated: download it again"
         ) from None
-    # The dequantized weights are plain tensors; a leftover GGUF quantization config would make
-    # from_pretrained try to dequantize them again on reload.
-    for obj in (model.config, getattr(model, "generation_config", None)):
-        if obj is not None and hasattr(obj, "quantization_config"):
-            try:
-                delattr(obj, "quantization_config")
-            except AttributeError:
-                pass
+    # Rebuild as a plain model: the GGUF quantizer stays attached to the loaded one (it refuses to
+    # save, and from_pretrained would try to dequantize the saved weights again).
+    config = packed.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    state = packed.state_dict()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise SafetylockError(f"GGUF {path} does not map onto {config.model_type} weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.generation_config = packed.generation_config
+    del packed, state
     return model, tokenizer
 
 
