@@ -89,6 +89,53 @@ def demo(
     run_demo(model, max_new_tokens=max_new_tokens, console=console)
 
 
+@app.command("serve")
+def serve_command(
+    lock: Annotated[Path, typer.Option("--lock", help="Lock file, baked into the base once at start-up.")],
+    model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
+    alpha: AlphaOpt = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="NAME=DIR LoRA adapter; repeatable.")] = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    admin_token: Annotated[Optional[str], typer.Option("--admin-token", envvar="SAFETYLOCK_ADMIN_TOKEN",
+                                                       help="Enables POST /admin/adapters (Bearer auth).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch")] = 8,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens")] = None,
+    served_name: Annotated[Optional[str], typer.Option("--served-name", help="Model id of the base.")] = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Serve the locked base and its adapters with OpenAI's chat-completions API."""
+    from .serve import Engine, parse_adapter_specs, serve
+
+    engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
+                              name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens)
+    err.print(f"serving {', '.join(engine.names)} at http://{host}:{port}/v1 (lock alpha {engine.alpha:g})")
+    serve(engine, host=host, port=port, admin_token=admin_token)
+
+
+@app.command("serve-bench")
+def serve_bench_command(
+    url: Annotated[str, typer.Option("--url")] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option("--model", "-m", help="Served model id to ask.")] = "qwen2.5-coder-1.5b-instruct",
+    requests: Annotated[int, typer.Option("--requests")] = 32,
+    concurrency: Annotated[int, typer.Option("--concurrency")] = 8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 32,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the figures as JSON here.")] = None,
+) -> None:
+    """Send a fixed number of chat completions to a running server; print throughput and latency."""
+    import json
+
+    from .files import write_json
+    from .serve import BENCH_PROMPTS, load_test
+
+    result = load_test(url, model=model, prompts=BENCH_PROMPTS, requests=requests, concurrency=concurrency,
+                       max_tokens=max_tokens, stream=stream)
+    if out is not None:
+        write_json(out, result)
+    console.print_json(json.dumps(result))
+
+
 def main() -> None:
     """Console-script entry: run the app, turning SafetylockError into one line and exit code 2."""
     try:
