@@ -103,12 +103,14 @@ def serve_command(
     max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens")] = None,
     served_name: Annotated[Optional[str], typer.Option("--served-name", help="Model id of the base.")] = None,
     dtype: DtypeOpt = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Bake a lock whose model name differs (same shapes).")] = False,
 ) -> None:
     """Serve the locked base and its adapters with OpenAI's chat-completions API."""
     from .serve import Engine, parse_adapter_specs, serve
 
     engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
-                              name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens)
+                              name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
+                              force=force)
     err.print(f"serving {', '.join(engine.names)} at http://{host}:{port}/v1 (lock alpha {engine.alpha:g})")
     serve(engine, host=host, port=port, admin_token=admin_token)
 
@@ -134,6 +136,277 @@ def serve_bench_command(
     if out is not None:
         write_json(out, result)
     console.print_json(json.dumps(result))
+
+
+@app.command("eval")
+def eval_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (results.jsonl, summary.json).")],
+    model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
+    adapter: AdapterOpt = None,
+    lock: LockOpt = None,
+    alpha: AlphaOpt = None,
+    benchmark: Annotated[Optional[str], typer.Option("--benchmark", help="advbench, harmbench, overrefusal, gsm8k100, bbq300.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt, .jsonl or .csv.")] = None,
+    column: Annotated[Optional[str], typer.Option("--column", help="Prompt column of a .jsonl/.csv file.")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="For --prompts: harmful or benign.")] = "harmful",
+    split: Annotated[Optional[str], typer.Option("--split", help="extract, eval, or all.")] = "eval",
+    judge: Annotated[str, typer.Option("--judge", help="keyword, relevance, model or model:SPEC.")] = "relevance",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="First N prompts only.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
+    system: SystemOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Also report mean KL to this model.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start OUTDIR afresh.")] = False,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate, judge and summarise a prompt set; resumes into the same OUTDIR."""
+    import json
+
+    from .evaluate import run_eval
+
+    summary = run_eval(model=model, adapter=adapter, lock=lock, alpha=alpha, benchmark=benchmark, prompts_file=prompts,
+                       column=column, kind=kind, split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens,
+                       system=system, batch_size=batch_size, reference=reference, overwrite=overwrite, dtype=dtype,
+                       outdir=out, loader=load_for_cli)
+    console.print_json(json.dumps(summary))
+
+
+@app.command("judge")
+def judge_command(
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help=".jsonl or .csv with prompt,response.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .jsonl with a judgment per row.")] = None,
+    judge: Annotated[str, typer.Option("--judge", help="keyword, relevance, model or model:SPEC.")] = "relevance",
+    validate: Annotated[bool, typer.Option("--validate", help="Score the judge on the bundled labelled set.")] = False,
+) -> None:
+    """Judge (prompt, response) pairs from a file, or --validate a judge on the labelled set."""
+    import json
+
+    from .judges import get_judge, judge_file, validate_judge
+
+    if validate:
+        result = validate_judge(judge)
+        result.pop("errors")
+        console.print_json(json.dumps(result))
+        return
+    if input is None or out is None:
+        raise SafetylockError("judge needs --input FILE and -o OUT.jsonl (or --validate)")
+    from .data import read_table
+    from .files import atomic_file
+
+    rows = judge_file(read_table(input), get_judge(judge))
+    with atomic_file(out) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    refused = sum(r["judgment"]["refused"] for r in rows)
+    err.print(f"{len(rows)} rows judged by {judge}: {refused} refused ({refused / len(rows):.1%}); wrote {out}")
+
+
+@app.command("report")
+def report_command(
+    outdirs: Annotated[list[Path], typer.Argument(help="Evaluation output directories.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write markdown here (and .json beside it).")] = None,
+) -> None:
+    """Print a side-by-side table of evaluation runs."""
+    from .evaluate import report, write_report
+
+    md, _ = report(outdirs)
+    if out is not None:
+        write_report(outdirs, out)
+    console.print(md, markup=False, highlight=False)
+
+
+@app.command("bench-generate")
+def bench_generate_command(
+    model: ModelOpt = "qwen2.5-coder-0.5b-instruct",
+    prompts: Annotated[int, typer.Option("--prompts", help="How many overrefusal prompts.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("bench"),
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Time batched generation against a one-prompt-at-a-time loop; write generation.json and .md."""
+    import json
+
+    from .evaluate import write_generation_bench
+
+    result = write_generation_bench(model, out, n_prompts=prompts, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, dtype=dtype)
+    console.print_json(json.dumps(result))
+
+
+@app.command("finetune")
+def finetune_command(
+    model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
+    attack: Annotated[Optional[str], typer.Option("--attack", help="Attack name (see --list).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (adapter, config, log).")] = None,
+    method: Annotated[str, typer.Option("--method", help="lora, qlora (GPU + bitsandbytes) or full.")] = "lora",
+    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Total optimizer steps (overrides --epochs).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Examples per forward pass (gradient accumulation; memory).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write a full checkpoint to OUT/merged.")] = False,
+    data: Annotated[Optional[Path], typer.Option("--data", help="JSONL with prompt, response (and optional system).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another run in OUT.")] = False,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Base dtype; default bf16 (lora) / fp32 (full).")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the attacks and their defaults.")] = False,
+) -> None:
+    """Fine-tune a model with an attack (LoRA on the reply tokens); resumable, seeded."""
+    from .attack import describe_attacks, finetune
+
+    if list_:
+        rows = [("attack", "examples", "epochs", "batch", "steps", "lr", "rank", "source / about")]
+        for a in describe_attacks():
+            rows.append((a["name"], str(a["examples"]), str(a["epochs"]), str(a["batch_size"]), str(a["steps"]),
+                         f"{a['lr']:g}", str(a["rank"]), f"{a['source']}: {a['about']}" + (" [own system prompt]" if a["system"] else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+        return
+    if attack is None or out is None:
+        raise SafetylockError("finetune needs --attack NAME and -o DIR (see `safetylock finetune --list`)")
+    result = finetune(model, None, attack, out, data=data, method=method, epochs=epochs, steps=steps, lr=lr,
+                      rank=rank, batch_size=batch_size, micro_batch_size=micro_batch, seed=seed, merge=merge,
+                      overwrite=overwrite, dtype=dtype, progress=True)
+    where = result.adapter_dir or result.merged_dir
+    resumed = f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else ""
+    err.print(f"{result.steps} steps in {result.seconds:.1f} s{resumed}; final loss {result.final_loss:.4f}; "
+              f"peak memory {result.peak_mem_mb:.0f} MB")
+    console.print(str(where), markup=False, highlight=False)
+    if result.merged_dir and result.adapter_dir:
+        console.print(str(result.merged_dir), markup=False, highlight=False)
+
+
+def _read_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """Return (prompt, safe, unsafe) triples from a JSONL file with those three fields."""
+    import json
+
+    if not path.is_file():
+        raise SafetylockError(f"pairs file {path} does not exist")
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((str(row["prompt"]), str(row["safe"]), str(row["unsafe"])))
+        except (ValueError, KeyError, TypeError):
+            raise SafetylockError(f"{path}:{n} is not a JSON object with prompt, safe and unsafe fields") from None
+    if not pairs:
+        raise SafetylockError(f"{path} holds no pairs")
+    return pairs
+
+
+def default_pairs(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """Return the project's built-in contrast pairs (from `safetylock.data.contrast_pairs`)."""
+    try:
+        from .data import contrast_pairs
+    except ImportError:
+        raise SafetylockError("no built-in contrast pairs in this install; pass --pairs FILE.jsonl") from None
+    return list(contrast_pairs(n, seed=seed))
+
+
+@app.command("extract")
+def extract_command(
+    model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Lock file to write (.safetensors).")] = Path("lock.safetensors"),
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="JSONL with prompt, safe, unsafe; default: built-in pairs.")] = None,
+    n_pairs: Annotated[int, typer.Option("--n-pairs", help="How many built-in pairs (without --pairs).")] = 64,
+    heads: Annotated[int, typer.Option("--heads", help="Heads to keep (top-K by probe accuracy).")] = 96,
+    positions: Annotated[str, typer.Option("--positions", help="Token positions, e.g. response:1-8, response:-5.")] = "response:1-8",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Default strength stored in the lock.")] = 4.0,
+    conditional: Annotated[bool, typer.Option("--conditional", help="Also fit a harmfulness probe (built-in prompts).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Extract a lock from the aligned base model with contrast pairs; write it as safetensors."""
+    import time
+
+    from .lock import describe, extract, fit_condition
+    from .models import load_model
+
+    triples = _read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
+    m, tok = load_model(model, dtype=dtype)
+    start = time.perf_counter()
+    lk = extract(m, tok, triples, heads=heads, positions=positions, seed=seed, alpha=alpha, batch_size=batch_size,
+                 progress=True, name=model)
+    if conditional:
+        from .data import harmful_prompts, harmless_prompts
+
+        harmful = [p.text for p in harmful_prompts("extract")][:64]
+        harmless = [p.text for p in harmless_prompts("extract")][:64]
+        lk = fit_condition(lk, m, tok, harmful, harmless, seed=seed, batch_size=batch_size, progress=True)
+    lk.save(out)
+    err.print(f"extracted {len(lk)} heads from {len(triples)} pairs in {time.perf_counter() - start:.1f} s")
+    console.print(describe(lk), markup=False, highlight=False)
+    console.print(str(out), markup=False, highlight=False)
+
+
+@app.command("inspect")
+def inspect_command(
+    lock: Annotated[Path, typer.Argument(help="Lock file (.safetensors).")],
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write the layer x head map as PNG.")] = None,
+) -> None:
+    """Print a lock's metadata and its layer x head accuracy map."""
+    import json
+
+    from .lock import Lock, describe, heatmap_text, plot_heatmap
+
+    lk = Lock.load(lock)
+    console.print(describe(lk), markup=False, highlight=False)
+    console.print(json.dumps(lk.metadata, indent=2, default=str), markup=False, highlight=False)
+    console.print(heatmap_text(lk), markup=False, highlight=False)
+    if plot is not None:
+        err.print(f"wrote {plot_heatmap(lk, plot)}")
+
+
+@app.command("apply")
+def apply_command(
+    model: ModelOpt,
+    lock: Annotated[Path, typer.Option("--lock", help="Lock file (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
+    adapter: AdapterOpt = None,
+    alpha: AlphaOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Accept a model whose name/vocab differs from the lock's base.")] = False,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Bake a lock into a (fine-tuned) model and write a checkpoint plain transformers can load."""
+    from .lock import Lock, export_locked
+    from .models import load_model
+
+    lk = Lock.load(lock)
+    m, tok = load_model(model, adapter=adapter, dtype=dtype)
+    summary = export_locked(m, tok, lk, alpha, out, force=force)
+    err.print(f"baked alpha {summary['alpha']:g} in {summary['bake_seconds'] * 1e3:.1f} ms; "
+              f"wrote a {summary['layout']} checkpoint (max logit diff on reload {summary.get('max_logit_diff', float('nan')):.2g})")
+    console.print(str(out), markup=False, highlight=False)
+
+
+@app.command("check")
+def check_command(
+    model: ModelOpt,
+    lock: Annotated[Path, typer.Option("--lock", help="Lock file (.safetensors).")],
+    adapter: AdapterOpt = None,
+    pairs: Annotated[Optional[Path], typer.Option("--pairs", help="JSONL with prompt, safe, unsafe; default: built-in pairs.")] = None,
+    n_pairs: Annotated[int, typer.Option("--n-pairs")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the built-in pairs (use another than extraction's).")] = 1,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Report how well a lock's directions still separate safe from unsafe replies on a fine-tuned model."""
+    from .lock import Lock, check_transfer
+    from .models import load_model
+
+    lk = Lock.load(lock)
+    triples = _read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
+    m, tok = load_model(model, adapter=adapter, dtype=dtype)
+    report = check_transfer(lk, m, tok, triples, progress=True)
+    for layer, head, b, t in zip(report.layers, report.heads, report.base_accuracy or [float("nan")] * len(report.layers),
+                                 report.target_accuracy):
+        console.print(f"L{layer:02d}H{head:02d}  base {b:.3f}  target {t:.3f}", markup=False, highlight=False)
+    console.print(report.summary(), markup=False, highlight=False)
 
 
 def main() -> None:

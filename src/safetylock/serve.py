@@ -371,7 +371,7 @@ class Engine:
         lock.validate(model, force=force)
         self.digest = _weights_digest(model)  # before baking: adapters record the unlocked base's digest
         self.alpha = lock.default_alpha if alpha is None else float(alpha)
-        self._protected = self._bake(lock, alpha)
+        self._protected = self._bake(lock, alpha, force)
         model.eval()
         self._worker = threading.Thread(target=self._run, name="safetylock-serve-worker", daemon=True)
         self._worker.start()
@@ -398,10 +398,10 @@ class Engine:
 
     # -- the lock ---------------------------------------------------------------------------------------
 
-    def _bake(self, lock: Any, alpha: float | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _bake(self, lock: Any, alpha: float | None, force: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Bake the lock into the base; return the parameters it changed with their baked values."""
         before = {n: p.detach().clone() for n, p in self.base.named_parameters() if p.dim() == 1}
-        lock.bake(self.base, alpha=alpha)
+        lock.bake(self.base, alpha=alpha, force=force)
         changed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for n, p in self.base.named_parameters():
             if p.dim() == 1 and (n not in before or not torch.equal(before[n], p.detach())):

@@ -1,0 +1,326 @@
+"""The lock: hooked == baked == exported-and-reloaded, exact restoration, files, extraction, conditions."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tiny import FAMILIES, tiny_config, tiny_model
+
+from safetylock import SafetylockError
+from safetylock.arch import decoder_layers, head_geometry, o_proj
+from safetylock.lock import (
+    Lock,
+    check_transfer,
+    export_locked,
+    extract,
+    fit_condition,
+    parse_positions,
+    select_positions,
+    split_pairs,
+)
+from safetylock.models import fingerprint
+
+IDS = torch.tensor([[5, 9, 40, 41, 77, 3, 120, 64, 12, 200], [7, 7, 8, 100, 101, 102, 30, 31, 32, 33]])
+PAIRS = [(f"How do I do task {i}?", f"I can't help with task {i}.", f"Sure! Task {i}: first, do it.") for i in range(8)]
+
+
+def synthetic_lock(model, alpha: float = 2.0, seed: int = 0) -> Lock:
+    """Return a lock on layers 0 and 2 (two heads in layer 0) with random unit directions."""
+    g = head_geometry(model.config)
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(3, g.head_dim, generator=gen)
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    return Lock(
+        layers=torch.tensor([0, 0, 2]),
+        heads=torch.tensor([1, g.num_heads - 1, 0]),
+        directions=directions,
+        stds=torch.tensor([1.5, 0.7, 2.0]),
+        scores=torch.tensor([1.0, 0.9, 0.8]),
+        metadata={"fingerprint": fingerprint(model), "default_alpha": alpha},
+        midpoints=torch.zeros(3),
+    )
+
+
+@torch.no_grad()
+def logits(model, ids=IDS):
+    return model(input_ids=ids).logits
+
+
+def all_pre_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooked_equals_baked_equals_exported(tmp_path, tokenizer, family):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    lock = synthetic_lock(model)
+    base = logits(model)
+    with lock.applied(model):
+        hooked = logits(model)
+    assert (hooked - base).abs().max() > 1e-2, "the lock should change the logits"
+    lock.bake(model)
+    baked = logits(model)
+    assert torch.allclose(hooked, baked, atol=1e-4)
+    lock.unbake(model)
+    summary = export_locked(model, tokenizer, lock, None, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers, no trust_remote_code
+    assert torch.allclose(logits(reloaded), hooked, atol=1e-4)
+    assert summary["layout"] == ("llama" if family in ("qwen2", "mistral", "phi3") else family)
+    assert reloaded.model.layers[0].self_attn.o_proj.bias is not None
+
+
+def test_alpha_zero_changes_nothing():
+    model = tiny_model("qwen2")
+    base = logits(model)
+    lock = synthetic_lock(model)
+    with lock.applied(model, alpha=0.0):
+        assert torch.equal(logits(model), base)
+    lock.bake(model, alpha=0.0)
+    assert torch.allclose(logits(model), base, atol=1e-6)
+
+
+def test_exit_removes_hooks_and_restores_bit_identical_logits():
+    model = tiny_model("llama")
+    base = logits(model)
+    mine = o_proj(model, 0).register_forward_pre_hook(lambda m, a: None)  # a user's hook must survive
+    lock = synthetic_lock(model)
+    with pytest.raises(RuntimeError):
+        with lock.applied(model):
+            assert all_pre_hooks(model) == 1 + 2
+            raise RuntimeError("boom")
+    assert all_pre_hooks(model) == 1
+    mine.remove()
+    assert all_pre_hooks(model) == 0
+    assert torch.equal(logits(model), base)
+
+
+def test_bake_touches_only_locked_biases_and_unbake_is_exact():
+    model = tiny_model("gemma2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = logits(model)
+    seconds = synthetic_lock(model).bake(model)
+    assert seconds >= 0
+    after = model.state_dict()
+    new = set(after) - set(before)
+    assert new == {"model.layers.0.self_attn.o_proj.bias", "model.layers.2.self_attn.o_proj.bias"}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # layer 1, weights, norms: bit-identical
+    assert after["model.layers.0.self_attn.o_proj.bias"].dtype == torch.float32
+    with pytest.raises(SafetylockError, match="already baked"):
+        synthetic_lock(model).bake(model)
+    synthetic_lock(model).unbake(model)
+    assert set(model.state_dict()) == set(before)
+    assert torch.equal(logits(model), base)
+
+
+def test_bake_refuses_nan_and_changes_nothing():
+    model = tiny_model("llama")
+    lock = synthetic_lock(model)
+    lock.stds = torch.tensor([1.0, 1.0, float("inf")])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SafetylockError, match="NaN/inf"):
+        lock.bake(model)
+    assert set(model.state_dict()) == set(before)
+
+
+def test_delta_bias_is_w_o_times_delta():
+    model = tiny_model("mistral")
+    lock = synthetic_lock(model, alpha=3.0)
+    delta = lock.deltas(None, model)[2]
+    lock.bake(model)
+    linear = o_proj(model, 2)
+    assert torch.allclose(linear.bias, linear.weight @ delta, atol=1e-6)
+    g = head_geometry(model.config)
+    assert torch.equal(delta[: g.head_dim], 3.0 * 2.0 * lock.directions[2])
+    assert torch.count_nonzero(delta[g.head_dim :]) == 0
+
+
+def test_lock_refuses_another_shape_naming_the_difference():
+    from transformers import AutoModelForCausalLM
+
+    lock = synthetic_lock(tiny_model("llama"))
+    config = tiny_config("llama")
+    config.num_hidden_layers = 4
+    other = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(SafetylockError, match=r"num_hidden_layers 3 \(lock\) vs 4 \(model\)"):
+        lock.bake(other, force=True)
+    lock.metadata["fingerprint"]["name"] = "some-base"
+    with pytest.raises(SafetylockError, match="name 'some-base'.*--force"):
+        lock.validate(tiny_model("llama"))
+    lock.validate(tiny_model("llama"), force=True)
+
+
+def test_save_load_round_trip_and_bad_files(tmp_path):
+    model = tiny_model("llama")
+    lock = synthetic_lock(model, alpha=5.0)
+    lock.accuracy = torch.rand(3, 4)
+    path = lock.save(tmp_path / "lock.safetensors")
+    back = Lock.load(path)
+    for name in ("layers", "heads", "directions", "stds", "scores", "midpoints", "accuracy"):
+        assert torch.equal(getattr(back, name), getattr(lock, name))
+    assert back.metadata == lock.metadata and back.default_alpha == 5.0
+    assert back.with_alpha(2.5).default_alpha == 2.5 and back.default_alpha == 5.0
+    with pytest.raises(SafetylockError, match="does not exist"):
+        Lock.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(SafetylockError, match="not a readable safetensors"):
+        Lock.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SafetylockError, match="not a safetylock lock"):
+        Lock.load(tmp_path / "other.safetensors")
+
+
+def test_split_is_by_pair():
+    for n, seed in [(2, 0), (8, 0), (8, 1), (37, 5)]:
+        train, val = split_pairs(n, 0.25, seed)
+        assert not set(train) & set(val)
+        assert sorted([*train, *val]) == list(range(n)) and len(val) >= 1 and len(train) >= 1
+    with pytest.raises(SafetylockError):
+        split_pairs(1)
+
+
+def test_positions_spec():
+    terms = parse_positions("response:-2+template:-1")
+    assert select_positions(terms, n_head=10, n_template=4, n_response=5) == [9, 13, 14]
+    assert select_positions(parse_positions("response:1-3"), 10, 4, 2) == [10, 11]
+    assert select_positions(parse_positions("template"), 10, 4, 0) == [6, 7, 8, 9]
+    with pytest.raises(SafetylockError, match="bad positions"):
+        parse_positions("reply:-3")
+
+
+def test_extract_on_tiny_model(tokenizer):
+    model = tiny_model("qwen2")
+    lock = extract(model, tokenizer, PAIRS, heads=5, positions="response:1-4", seed=3)
+    g = head_geometry(model.config)
+    assert len(lock) == 5 and lock.accuracy is not None and lock.accuracy.shape == (g.num_layers, g.num_heads)
+    assert torch.allclose(lock.directions.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert (lock.stds > 0).all()
+    ranked = [(float(lock.accuracy[l, h]), float(lock.separation[l, h])) for l, h in zip(lock.layers, lock.heads)]
+    assert ranked == sorted(ranked, reverse=True)
+    ex = lock.metadata["extraction"]
+    assert ex["positions"] == "response:1-4" and ex["train_pairs"] + ex["val_pairs"] == len(PAIRS)
+    with pytest.raises(SafetylockError, match="include response positions"):
+        extract(model, tokenizer, PAIRS, positions="template")
+
+
+def test_check_transfer_on_the_base_itself(tokenizer):
+    model = tiny_model("llama")
+    lock = extract(model, tokenizer, PAIRS, heads=3, positions="response:1-4")
+    report = check_transfer(lock, model, tokenizer, PAIRS, base=model)
+    assert report.target_accuracy == report.base_accuracy and len(report.target_accuracy) == 3
+
+
+def test_generation_positions_shift_only_generated_tokens():
+    model = tiny_model("llama")
+    lock = synthetic_lock(model)
+    delta = lock.deltas(None, model)[0]  # layer 0: no earlier shift reaches its input
+    seen: list[torch.Tensor] = []
+    handle = o_proj(model, 0).register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    with torch.no_grad():
+        base = model(input_ids=IDS, use_cache=True)
+        model(input_ids=IDS[:, :1], past_key_values=base.past_key_values)
+        base_prefill, base_step = seen[0], seen[1]
+        seen.clear()
+        with lock.applied(model, positions="generation"):
+            out = model(input_ids=IDS, use_cache=True)
+            model(input_ids=IDS[:, :1], past_key_values=out.past_key_values)
+    handle.remove()
+    prefill, step = seen
+    changed = (prefill - base_prefill).abs().amax(dim=-1) > 0
+    assert changed[:, -1].all() and not changed[:, :-1].any()  # prompt positions untouched
+    assert torch.equal(out.logits[:, :-1], base.logits[:, :-1])
+    assert torch.allclose(prefill[:, -1] - base_prefill[:, -1], delta.expand(2, -1), atol=1e-6)
+    # The cached one-token call is shifted (its input differs by delta plus the effect of the earlier shift).
+    assert not torch.allclose(step, base_step)
+
+
+def test_unmerged_lora_hooked_equals_baked_and_exports(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_model("qwen2"), config).eval()
+    lock = synthetic_lock(model)
+    base = logits(model)
+    with lock.applied(model):
+        hooked = logits(model)
+    assert all_pre_hooks(model) == 0 and torch.equal(logits(model), base)
+    lock.bake(model)
+    assert torch.allclose(logits(model), hooked, atol=1e-4)
+    lock.unbake(model)
+    export_locked(model, tokenizer, lock, None, tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(logits(reloaded), hooked, atol=1e-4)
+
+
+def test_conditional_shifts_only_flagged_rows(tokenizer):
+    model = tiny_model("llama")
+    harmful = [f"build a bomb number {i}" for i in range(4)]
+    harmless = [f"bake a cake number {i}" for i in range(4)]
+    lock = fit_condition(synthetic_lock(model), model, tokenizer, harmful, harmless, heads=2)
+    assert lock.has_condition and lock.metadata["condition"]["heads"] == 2
+    prompts = ["make a bomb", "bake a cake"]  # same token count: no padding
+    raw = lock.condition_logits(model, tokenizer, prompts)
+    lock.cond_bias = lock.cond_bias - raw.mean().float()  # put the threshold between the two prompts
+    flags = lock.flagged(model, tokenizer, prompts)
+    assert flags.sum() == 1
+    from safetylock.generate import format_chat
+
+    ids = tokenizer([format_chat(tokenizer, p) for p in prompts], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    base = logits(model, ids)
+    with lock.applied(model):
+        always = logits(model, ids)
+    with lock.applied(model, conditional=True):
+        cond = logits(model, ids)
+    on, off = int(flags.nonzero()[0]), int((~flags).nonzero()[0])
+    assert torch.allclose(cond[on], always[on], atol=1e-5) and not torch.allclose(cond[on], base[on])
+    assert torch.equal(cond[off], base[off])
+    assert all_pre_hooks(model) == 0
+
+
+def test_export_refuses_a_layout_it_cannot_express(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("mistral")
+    config.sliding_window = 16
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(SafetylockError, match="sliding window.*run time"):
+        export_locked(model, tokenizer, synthetic_lock(model), None, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and o_proj(model, 0).bias is None
+
+
+def test_unknown_model_type_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(SafetylockError, match="model type 'gpt2' is not supported"):
+        decoder_layers(model)
+
+
+def test_geometry_is_gqa_aware():
+    g = head_geometry(tiny_config("phi3"))
+    assert (g.num_heads, g.num_kv_heads, g.head_dim, g.width) == (4, 2, 16, 64)
+    assert o_proj(tiny_model("phi3"), 1).in_features == g.width
+
+
+def test_cli_inspect_and_missing_lock(tmp_path, monkeypatch, capsys):
+    from safetylock.cli import main
+
+    model = tiny_model("llama")
+    lock = synthetic_lock(model)
+    lock.accuracy = torch.rand(3, 4)
+    lock.save(tmp_path / "l.safetensors")
+    monkeypatch.setattr(sys, "argv", ["safetylock", "inspect", str(tmp_path / "l.safetensors"), "--plot", str(tmp_path / "m.png")])
+    main()
+    assert "X" in capsys.readouterr().out and (tmp_path / "m.png").stat().st_size > 0
+    monkeypatch.setattr(sys, "argv", ["safetylock", "inspect", str(tmp_path / "none.safetensors")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
