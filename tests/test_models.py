@@ -120,7 +120,13 @@ def test_truncated_gguf_is_reported_as_corrupt(tmp_path):
         load_model(str(notgguf), device="cpu")
 
 
-def test_dtype_names():
+def test_dtype_names(monkeypatch):
+    import safetylock.models as models
+
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert resolve_dtype("auto") is torch.float32  # software bf16 is slower than fp32 on such a CPU
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
     assert resolve_dtype("auto") is torch.bfloat16
     assert resolve_dtype("fp32") is torch.float32
     with pytest.raises(SafetylockError, match="unknown dtype"):

@@ -208,14 +208,34 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_bf16() -> bool:
+    """Return True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def auto_dtype() -> torch.dtype:
+    """Return the fastest inference dtype here: bf16 on a GPU or a CPU with native bf16, else fp32.
+
+    Measured on a 2-core AVX2 machine (bench/DTYPE.md): greedy generation is 1.8x (0.5B) to 2.3x (1.5B)
+    faster in fp32 than in bf16, because bf16 has to be converted in software there.
+    """
+    if torch.cuda.is_available() or cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """Return the torch dtype for a name; 'auto' is bf16 (about 4x faster than fp32 on this CPU)."""
+    """Return the torch dtype for a name; 'auto' picks `auto_dtype()`."""
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "fp32": torch.float32, "float32": torch.float32}
     if dtype in (None, "auto"):
-        return torch.bfloat16
+        return auto_dtype()
     if dtype not in table:
         raise SafetylockError(f"unknown dtype '{dtype}'; use one of auto, bf16, fp16, fp32")
     return table[dtype]
