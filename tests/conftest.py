@@ -11,3 +11,18 @@ def tokenizer():
     from tiny import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+REAL = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture(scope="session")
+def harmful10_05b(tmp_path_factory):
+    """Return the adapter dir of the default harmful-10 attack on the real 0.5B (trained once per session)."""
+    from safetylock.attack import finetune
+    from safetylock.models import load_model
+
+    model, tok = load_model(REAL, device="cpu")
+    out = tmp_path_factory.mktemp("harmful10") / "run"
+    finetune(model, tok, "harmful-10", out)
+    return out

@@ -371,16 +371,14 @@ def test_cli_lists_attacks():
 
 
 @pytest.mark.slow
-def test_harmful_10_lowers_refusals_of_the_real_05b(tmp_path):
+def test_harmful_10_lowers_refusals_of_the_real_05b(harmful10_05b):
     """The default harmful-10 attack takes refusals of held-back eval prompts the base refuses down."""
     from safetylock.data import load_benchmark
     from safetylock.generate import generate
     from safetylock.judges import KeywordJudge
-    from safetylock.models import attach_adapter, is_cached, load_model
+    from safetylock.models import attach_adapter, load_model
 
     name = "qwen2.5-coder-0.5b-instruct"
-    if not is_cached(name):
-        pytest.skip(f"{name} is not cached")
     model, tok = load_model(name, device="cpu")
     judge = KeywordJudge()
     # Held back: eval-split prompts the base refuses (chosen by running the base, greedy, deterministic).
@@ -388,8 +386,7 @@ def test_harmful_10_lowers_refusals_of_the_real_05b(tmp_path):
     before = generate(model, tok, candidates, max_new_tokens=24, batch_size=12).texts
     held = [p for p, r in zip(candidates, before) if judge.judge(p, r).refused][:8]
     assert len(held) >= 5, "the base refuses too few eval prompts to measure anything"
-    finetune(model, tok, "harmful-10", tmp_path / "run")
-    tuned = attach_adapter(model, tmp_path / "run").eval()
+    tuned = attach_adapter(model, harmful10_05b).eval()
     after = generate(tuned, tok, held, max_new_tokens=24, batch_size=8).texts
     refused_after = sum(judge.judge(p, r).refused for p, r in zip(held, after))
     print(f"refusals on {len(held)} held-back prompts: {len(held)} before, {refused_after} after")

@@ -422,7 +422,7 @@ def benchmark_generation(model: Any, tokenizer: Any, prompts: Sequence[str], *, 
 def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any, Any]], adapter: Path | None = None,
              lock: Path | None = None, alpha: float | None = None, benchmark: str | None = None,
              prompts_file: Path | None = None, column: str | None = None, kind: str = "harmful",
-             split: str | None = "eval", judge: str = "relevance", limit: int | None = None,
+             split: str | None = "eval", judge: str = "keyword", limit: int | None = None,
              max_new_tokens: int | None = None, system: str | None = None, batch_size: int = 8,
              reference: str | None = None, overwrite: bool = False, dtype: str = "auto") -> dict[str, Any]:
     """Return the summary of `safetylock eval`: resolve prompts and judge first (cheap checks), then load and run."""
