@@ -22,6 +22,11 @@ LockOpt = Annotated[Optional[Path], typer.Option("--lock", help="Lock file (.saf
 AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="Lock strength; default: the lock's calibrated alpha.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16), bf16, fp16 or fp32.")]
+DefenseOpt = Annotated[Optional[str], typer.Option("--defense", help="Baseline defense: none, safetylock, iti, "
+                                                   "refusal-direction, self-reminder, safety-sft.")]
+DefenseFileOpt = Annotated[Optional[Path], typer.Option("--defense-file", help="The defense's artifact: lock file "
+                                                        "(safetylock, iti), direction file or safety-SFT adapter dir.")]
+_DEFENDED = []  # context managers of --defense, kept open until the process ends
 
 
 def load_for_cli(model: str, adapter: Path | None, lock: Path | None, alpha: float | None, dtype: str, force: bool = False):  # type: ignore[no-untyped-def]
@@ -35,6 +40,28 @@ def load_for_cli(model: str, adapter: Path | None, lock: Path | None, alpha: flo
         lk = Lock.load(lock)
         lk.bake(m, alpha=alpha, force=force)
     return m, tok
+
+
+def defended_loader(defense: str | None, artifact: Path | None, lock: Path | None):  # type: ignore[no-untyped-def]
+    """Return (loader like load_for_cli that also applies the defense, the defense's system prompt or None)."""
+    if defense is None:
+        if artifact is not None:
+            raise SafetylockError("--defense-file needs --defense NAME")
+        return load_for_cli, None
+    from .baselines import make_defense
+
+    if lock is not None:
+        raise SafetylockError("pass either --lock or --defense (use --defense safetylock --defense-file LOCK)")
+    the_defense = make_defense(defense, artifact)
+
+    def load(model, adapter, lock_, alpha, dtype, force=False):  # type: ignore[no-untyped-def]
+        m, tok = load_for_cli(model, adapter, None, None, dtype)
+        ctx = the_defense.applied(m, alpha)
+        defended = ctx.__enter__()
+        _DEFENDED.append(ctx)
+        return defended, tok
+
+    return load, the_defense.system
 
 
 @app.command()
@@ -65,11 +92,15 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     dtype: DtypeOpt = "auto",
+    defense: DefenseOpt = None,
+    defense_file: DefenseFileOpt = None,
 ) -> None:
     """Print the model's greedy replies to the prompts (batched)."""
     from .generate import generate
 
-    m, tok = load_for_cli(model, adapter, lock, alpha, dtype)
+    loader, defense_system = defended_loader(defense, defense_file, lock)
+    system = system if system is not None else defense_system
+    m, tok = loader(model, adapter, lock, alpha, dtype)
     run = generate(m, tok, prompts, system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
     for g in run.generations:
         console.print(f"[bold cyan]> {g.prompt}[/]")
@@ -158,17 +189,62 @@ def eval_command(
     reference: Annotated[Optional[str], typer.Option("--reference", help="Also report mean KL to this model.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start OUTDIR afresh.")] = False,
     dtype: DtypeOpt = "auto",
+    defense: DefenseOpt = None,
+    defense_file: DefenseFileOpt = None,
 ) -> None:
     """Generate, judge and summarise a prompt set; resumes into the same OUTDIR."""
     import json
 
     from .evaluate import run_eval
 
+    loader, defense_system = defended_loader(defense, defense_file, lock)
+    system = system if system is not None else defense_system
     summary = run_eval(model=model, adapter=adapter, lock=lock, alpha=alpha, benchmark=benchmark, prompts_file=prompts,
                        column=column, kind=kind, split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens,
                        system=system, batch_size=batch_size, reference=reference, overwrite=overwrite, dtype=dtype,
-                       outdir=out, loader=load_for_cli)
+                       outdir=out, loader=loader)
     console.print_json(json.dumps(summary))
+
+
+def _split_list(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
+    items = [v.strip() for raw in (values or []) for v in raw.split(",") if v.strip()]
+    return items or list(default)
+
+
+@app.command("bench")
+def bench_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (results.json, RESULTS.md, PNG plots).")],
+    models: Annotated[Optional[list[str]], typer.Option("--models", help="Base models (repeatable or comma list).")] = None,
+    attacks: Annotated[Optional[list[str]], typer.Option("--attacks", help="Attacks: NAME, NAME@STEPS or none.")] = None,
+    defenses: Annotated[Optional[list[str]], typer.Option("--defenses", help="Defenses (default: all).")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Eval prompts per benchmark.")] = 8,
+    alphas: Annotated[Optional[list[str]], typer.Option("--alphas", help="DEFENSE=A,B,... strengths to sweep; repeatable.")] = None,
+    attack_steps: Annotated[Optional[str], typer.Option("--attack-steps", help="Attack-strength axis, e.g. 5,10,20.")] = None,
+    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance, model or model:SPEC.")] = "keyword",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
+    pairs: Annotated[int, typer.Option("--pairs", help="Contrast pairs for the lock and ITI.")] = 64,
+    sft_steps: Annotated[int, typer.Option("--sft-steps", help="Safety-SFT optimizer steps.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Artifact cache (default OUT/cache).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Recompute everything, ignoring the cache.")] = False,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Run the attacks x defenses grid (cached), and write a results table and plots."""
+    from .baselines import DEFENSES
+    from .bench import BenchSettings, parse_alphas, run_bench
+    from .models import DEFAULT_MODEL
+
+    try:
+        steps = [int(v) for v in attack_steps.split(",") if v.strip()] if attack_steps else None
+    except ValueError:
+        raise SafetylockError(f"--attack-steps must be integers separated by commas, got '{attack_steps}'") from None
+    settings = BenchSettings(limit=limit, judge=judge, max_new_tokens=max_new_tokens, pairs=pairs, sft_steps=sft_steps,
+                             batch_size=batch_size, dtype=dtype)
+    result = run_bench(_split_list(models, (DEFAULT_MODEL,)), _split_list(attacks, ("harmful-10",)),
+                       _split_list(defenses, DEFENSES), out, alphas=parse_alphas(alphas or []), attack_steps=steps,
+                       fresh=fresh, settings=settings, cache_dir=cache_dir)
+    err.print(f"{len(result['rows'])} cells; computed {len(result['computed'])} item(s), the rest from the cache")
+    console.print((out / "RESULTS.md").read_text(encoding="utf-8"), markup=False, highlight=False)
 
 
 @app.command("judge")
