@@ -42,6 +42,25 @@ def load_for_cli(model: str, adapter: Path | None, lock: Path | None, alpha: flo
     return m, tok
 
 
+def conditional_loader(lock: Path | None):  # type: ignore[no-untyped-def]
+    """Return a loader like load_for_cli that applies the lock at run time, gated by its harmfulness probe."""
+    if lock is None:
+        raise SafetylockError("--conditional needs --lock LOCK (a lock extracted with --conditional)")
+    from .lock import Lock
+
+    lk = Lock.load(lock)
+    if not lk.has_condition:
+        raise SafetylockError(f"{lock} has no harmfulness probe; extract it with --conditional, or drop --conditional")
+
+    def load(model, adapter, lock_, alpha, dtype, force=False):  # type: ignore[no-untyped-def]
+        m, tok = load_for_cli(model, adapter, None, None, dtype)
+        ctx = lk.applied(m, alpha=alpha, conditional=True, force=force)
+        _DEFENDED.append(ctx)
+        return ctx.__enter__(), tok
+
+    return load
+
+
 def defended_loader(defense: str | None, artifact: Path | None, lock: Path | None):  # type: ignore[no-untyped-def]
     """Return (loader like load_for_cli that also applies the defense, the defense's system prompt or None)."""
     if defense is None:
@@ -181,7 +200,7 @@ def eval_command(
     column: Annotated[Optional[str], typer.Option("--column", help="Prompt column of a .jsonl/.csv file.")] = None,
     kind: Annotated[str, typer.Option("--kind", help="For --prompts: harmful or benign.")] = "harmful",
     split: Annotated[Optional[str], typer.Option("--split", help="extract, eval, or all.")] = "eval",
-    judge: Annotated[str, typer.Option("--judge", help="keyword, relevance, model or model:SPEC.")] = "relevance",
+    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance, model or model:SPEC.")] = "keyword",
     limit: Annotated[Optional[int], typer.Option("--limit", help="First N prompts only.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
     system: SystemOpt = None,
@@ -191,13 +210,18 @@ def eval_command(
     dtype: DtypeOpt = "auto",
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
+    conditional: Annotated[bool, typer.Option("--conditional", help="Apply --lock at run time, only to prompts its "
+                                              "harmfulness probe flags (instead of baking it).")] = False,
 ) -> None:
     """Generate, judge and summarise a prompt set; resumes into the same OUTDIR."""
     import json
 
     from .evaluate import run_eval
 
-    loader, defense_system = defended_loader(defense, defense_file, lock)
+    if conditional:
+        loader, defense_system = conditional_loader(lock), None
+    else:
+        loader, defense_system = defended_loader(defense, defense_file, lock)
     system = system if system is not None else defense_system
     summary = run_eval(model=model, adapter=adapter, lock=lock, alpha=alpha, benchmark=benchmark, prompts_file=prompts,
                        column=column, kind=kind, split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens,
@@ -251,7 +275,7 @@ def bench_command(
 def judge_command(
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help=".jsonl or .csv with prompt,response.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .jsonl with a judgment per row.")] = None,
-    judge: Annotated[str, typer.Option("--judge", help="keyword, relevance, model or model:SPEC.")] = "relevance",
+    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance, model or model:SPEC.")] = "keyword",
     validate: Annotated[bool, typer.Option("--validate", help="Score the judge on the bundled labelled set.")] = False,
 ) -> None:
     """Judge (prompt, response) pairs from a file, or --validate a judge on the labelled set."""
@@ -390,10 +414,10 @@ def extract_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Lock file to write (.safetensors).")] = Path("lock.safetensors"),
     pairs: Annotated[Optional[Path], typer.Option("--pairs", help="JSONL with prompt, safe, unsafe; default: built-in pairs.")] = None,
     n_pairs: Annotated[int, typer.Option("--n-pairs", help="How many built-in pairs (without --pairs).")] = 64,
-    heads: Annotated[int, typer.Option("--heads", help="Heads to keep (top-K by probe accuracy).")] = 96,
+    heads: Annotated[int, typer.Option("--heads", help="Heads to keep (top-K by probe accuracy; 0 = every head).")] = 0,
     positions: Annotated[str, typer.Option("--positions", help="Token positions, e.g. response:1-8, response:-5.")] = "response:1-8",
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Default strength stored in the lock.")] = 4.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Default strength stored in the lock.")] = 1.5,
     conditional: Annotated[bool, typer.Option("--conditional", help="Also fit a harmfulness probe (built-in prompts).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     dtype: DtypeOpt = "auto",
@@ -407,12 +431,12 @@ def extract_command(
     triples = _read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
     m, tok = load_model(model, dtype=dtype)
     start = time.perf_counter()
-    lk = extract(m, tok, triples, heads=heads, positions=positions, seed=seed, alpha=alpha, batch_size=batch_size,
+    lk = extract(m, tok, triples, heads=heads or 100_000, positions=positions, seed=seed, alpha=alpha, batch_size=batch_size,
                  progress=True, name=model)
     if conditional:
         from .data import harmful_prompts, harmless_prompts
 
-        harmful = [p.text for p in harmful_prompts("extract")][:64]
+        harmful = [p.text for p in harmful_prompts("extract")][-64:]
         harmless = [p.text for p in harmless_prompts("extract")][:64]
         lk = fit_condition(lk, m, tok, harmful, harmless, seed=seed, batch_size=batch_size, progress=True)
     lk.save(out)
@@ -483,6 +507,53 @@ def check_command(
                                  report.target_accuracy):
         console.print(f"L{layer:02d}H{head:02d}  base {b:.3f}  target {t:.3f}", markup=False, highlight=False)
     console.print(report.summary(), markup=False, highlight=False)
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: ModelOpt,
+    lock: Annotated[Path, typer.Option("--lock", help="Lock file (.safetensors); its default alpha is updated in place.")],
+    adapter: AdapterOpt = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Aligned base whose refusal rates set the "
+                                                     "target and the over-refusal budget (default: MODEL unlocked).")] = None,
+    alphas: Annotated[str, typer.Option("--alphas", help="Comma-separated alphas to sweep.")] = "1,2,3,4,6,8",
+    target: Annotated[Optional[float], typer.Option("--target", help="Harmful rate to reach (default: the reference's).")] = None,
+    budget: Annotated[float, typer.Option("--budget", help="Allowed rise in benign refusal rate over the reference.")] = 0.05,
+    n: Annotated[int, typer.Option("--n", help="Prompts of each kind (extract splits).")] = 24,
+    judge: Annotated[str, typer.Option("--judge")] = "keyword",
+    conditional: Annotated[bool, typer.Option("--conditional", help="Calibrate the probe-gated runtime lock.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the calibrated lock here instead of in place.")] = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Sweep alpha on extract-split prompts; store the smallest alpha meeting the target within the budget."""
+    import json
+
+    from .calibrate import calibrate
+    from .lock import Lock
+    from .models import load_model
+
+    try:
+        grid = [float(a) for a in alphas.split(",") if a.strip()]
+    except ValueError:
+        raise SafetylockError(f"--alphas must be comma-separated numbers, got '{alphas}'") from None
+    lk = Lock.load(lock)
+    ref = load_model(reference, dtype=dtype) if reference is not None else None
+    m, tok = load_model(model, adapter=adapter, dtype=dtype)
+    lk.validate(m)
+    result = calibrate(m, tok, lk, alphas=grid, target=target, budget=budget, reference=ref, n=n, judge=judge,
+                       conditional=conditional, max_new_tokens=max_new_tokens)
+    for p in result.points:
+        console.print(f"alpha {p.alpha:5.2f}  harmful {p.harmful_rate:.2f}  benign refusals {p.benign_refusal_rate:.2f}"
+                      f"  distinct {p.distinct_replies:.2f}", markup=False, highlight=False)
+    if result.chosen is None:
+        raise SafetylockError(f"no alpha in {grid} keeps benign refusals within {budget:.2f} of the reference "
+                              f"({result.reference_benign_refusal_rate:.2f}); try smaller alphas or a larger --budget")
+    lk = lk.with_alpha(result.chosen)
+    lk.metadata["calibration"] = {**result.to_dict(), "model": model, "adapter": str(adapter) if adapter else None,
+                                  "reference": reference}
+    lk.save(out or lock)
+    console.print(json.dumps({"chosen_alpha": result.chosen, "lock": str(out or lock)}), markup=False, highlight=False)
 
 
 def main() -> None:

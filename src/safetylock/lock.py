@@ -38,8 +38,11 @@ from .files import atomic_dir, atomic_file, sha256_text
 
 FORMAT = "safetylock.lock"
 FORMAT_VERSION = 1
-DEFAULT_ALPHA = 4.0  # the only strength that restored refusals without breaking replies (FINDINGS); calibrate per lock
-DEFAULT_HEADS = 96
+# Measured on the 1.5B with a harmful-10 adapter (bench/LOCK_RESEARCH.md): every head at alpha 1.5 restored
+# 94% refusals on held-back harmful prompts with 0% on benign-edgy ones, where the top-96 heads at alpha 4
+# restored 19% and already garbled benign replies. Many heads, small per-head shifts. Calibrate per lock.
+DEFAULT_ALPHA = 1.5
+DEFAULT_HEADS = 100_000  # more than any model has: keep every head, ranked
 DEFAULT_POSITIONS = "response:1-8"
 SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
 SOFT_KEYS = ("model_type", "vocab_size", "name")
