@@ -43,7 +43,7 @@ from .errors import SafetylockError
 from .files import atomic_file, sha256_file, sha256_text, write_json
 from .lock import DEFAULT_ALPHA, SHAPE_KEYS, Lock, Pair, extract, split_pairs
 
-DEFENSES = ("none", "safetylock", "iti", "refusal-direction", "self-reminder", "safety-sft")
+DEFENSES = ("none", "safetylock", "safetylock-conditional", "iti", "refusal-direction", "self-reminder", "safety-sft")
 DIRECTION_FORMAT = "safetylock.refusal-direction"
 DIRECTION_VERSION = 1
 SFT_MARKER = "safety_sft.json"
@@ -516,7 +516,7 @@ def make_defense(name: str, artifact: str | Path | None = None, *, conditional: 
     """Return the defense `name` built from its artifact (lock file, direction file or adapter directory)."""
     if name not in DEFENSES:
         raise SafetylockError(f"unknown defense '{name}'; known: {', '.join(DEFENSES)}")
-    needs = {"safetylock": "a lock file", "iti": "an ITI lock file (fit_iti)",
+    needs = {"safetylock": "a lock file", "safetylock-conditional": "a lock file with a harmfulness probe", "iti": "an ITI lock file (fit_iti)",
              "refusal-direction": "a refusal-direction file", "safety-sft": "a safety-SFT adapter directory"}
     if name in needs and artifact is None:
         raise SafetylockError(f"defense '{name}' needs {needs[name]}; pass --defense-file PATH")
@@ -527,6 +527,8 @@ def make_defense(name: str, artifact: str | Path | None = None, *, conditional: 
     assert artifact is not None
     if name == "safetylock":
         return LockDefense(Lock.load(artifact), conditional=conditional)
+    if name == "safetylock-conditional":
+        return LockDefense(Lock.load(artifact), conditional=True)
     if name == "iti":
         return ITIDefense(Lock.load(artifact))
     if name == "refusal-direction":

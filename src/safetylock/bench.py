@@ -32,9 +32,10 @@ from .judges import DEFAULT_JUDGE
 from .lock import DEFAULT_ALPHA
 
 BENCHMARKS = ("harmbench", "advbench", "overrefusal", "gsm8k100", "bbq300")
-DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {"safetylock": (DEFAULT_ALPHA,), "iti": (ITI_ALPHA,),
+DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {"safetylock": (DEFAULT_ALPHA,), "safetylock-conditional": (DEFAULT_ALPHA,), "iti": (ITI_ALPHA,),
                                                 "refusal-direction": (1.0,)}
 SWEPT = tuple(DEFAULT_ALPHAS)
+FITTED = ("safetylock", "safetylock-conditional", "iti", "refusal-direction")  # artifacts fitted on the base
 FORMAT_VERSION = 1
 Loader = Callable[[str], tuple[Any, Any]]
 
@@ -51,7 +52,7 @@ class BenchSettings:
     batch_size: int = 8
     kl_prompts: int = 8  # overrefusal eval prompts for the KL to the base
     pairs: int = 64  # contrast pairs for the lock and ITI
-    lock_heads: int = 96
+    lock_heads: int = 100_000  # every head (bench/LOCK_RESEARCH.md)
     lock_positions: str = "response:1-8"
     iti_heads: int = 48
     fit_prompts: int = 64  # harmful and harmless extract prompts for the refusal direction; harmful ones for SFT
@@ -304,6 +305,13 @@ def _base_artifact(ctx: _Context, session: _Session, mid: str, defense: str) -> 
         if defense == "safetylock":
             artifact: Any = extract(base, session.tokenizer, _pairs(s.pairs, s.seed), heads=s.lock_heads,
                                     positions=s.lock_positions, seed=s.seed, name=session.spec)
+        elif defense == "safetylock-conditional":  # the plain lock (reused from the cache) + a harmfulness probe
+            from .lock import Lock, fit_condition
+
+            plain, _ = _base_artifact(ctx, session, mid, "safetylock")
+            start = time.perf_counter()
+            artifact = fit_condition(Lock.load(plain), base, session.tokenizer, _harmful_texts(s.fit_prompts),
+                                     _harmless_texts(s.fit_prompts), seed=s.seed)
         elif defense == "iti":
             artifact = fit_iti(base, session.tokenizer, _pairs(s.pairs, s.seed), heads=s.iti_heads, seed=s.seed,
                                name=session.spec)
@@ -466,7 +474,7 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
     """Return one cell's row, from the cache or computed (with the adapter and artifact it needs)."""
     s = ctx.settings
     akey = _key("attack", mid, attack.name, attack.steps, s.seed, s.dtype)
-    if defense in ("safetylock", "iti", "refusal-direction"):
+    if defense in FITTED:
         dkey: Any = (defense, _artifact_key(ctx, mid, defense))
     elif defense == "safety-sft":
         dkey = (defense, _key("safety-sft", akey, s.fit_prompts, s.sft_steps, s.sft_batch, s.sft_lr, s.seed))
@@ -482,7 +490,7 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
         return {**json.loads(marker.read_text(encoding="utf-8")), **label, "cached": True}
     adapter, _ = _adapter(ctx, session, mid, attack)
     artifact: Path | None = None
-    if defense in ("safetylock", "iti", "refusal-direction"):
+    if defense in FITTED:
         artifact, _ = _base_artifact(ctx, session, mid, defense)
     elif defense == "safety-sft":
         artifact, _ = _sft_artifact(ctx, session, adapter, akey)
@@ -508,6 +516,8 @@ def _artifact_key(ctx: _Context, mid: str, defense: str) -> str:
     s = ctx.settings
     if defense == "safetylock":
         inputs: tuple[Any, ...] = (s.pairs, s.lock_heads, s.lock_positions, s.seed)
+    elif defense == "safetylock-conditional":
+        inputs = (s.pairs, s.lock_heads, s.lock_positions, s.fit_prompts, s.seed)
     elif defense == "iti":
         inputs = (s.pairs, s.iti_heads, s.seed)
     else:

@@ -131,9 +131,9 @@ def chat(
 @app.command()
 def demo(
     model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
 ) -> None:
-    """Show the model refusing a harmful request and answering a benign one."""
+    """Base vs harmful-10 fine-tune vs fine-tune + SafetyLock, side by side (trains and extracts once, cached)."""
     from .demo import run_demo
 
     run_demo(model, max_new_tokens=max_new_tokens, console=console)
