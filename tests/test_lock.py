@@ -330,9 +330,9 @@ def test_cli_inspect_and_missing_lock(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_lock_restores_refusals_of_a_harmful_10_05b_and_spares_benign_prompts(harmful10_05b):
+def test_lock_restores_refusals_of_a_harmful_10_05b_and_spares_benign_prompts(harmful10_05b, lock_05b):
     """One lock from the real 0.5B base brings back refusals its harmful-10 fine-tune lost, without new benign refusals."""
-    from safetylock.data import contrast_pairs, harmful_prompts, harmless_prompts, load_benchmark
+    from safetylock.data import load_benchmark
     from safetylock.generate import generate
     from safetylock.judges import KeywordJudge
     from safetylock.models import attach_adapter, load_model
@@ -344,9 +344,7 @@ def test_lock_restores_refusals_of_a_harmful_10_05b_and_spares_benign_prompts(ha
         texts = generate(m, tok, prompts, max_new_tokens=16, batch_size=12).texts
         return [judge.judge(p, t).refused for p, t in zip(prompts, texts)]
 
-    lock = extract(model, tok, contrast_pairs(48), seed=0)  # defaults: every head, response:1-8, alpha 1.5
-    lock = fit_condition(lock, model, tok, [p.text for p in harmful_prompts("extract")][-32:],
-                         [p.text for p in harmless_prompts("extract")][:32])
+    lock = Lock.load(lock_05b)
     harmful = [p.text for p in load_benchmark("harmbench", "eval")][:24]
     base_harmful = refusals(model, harmful)
     held = [p for p, r in zip(harmful, base_harmful) if r][:10]  # eval prompts the base refuses
