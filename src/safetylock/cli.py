@@ -242,6 +242,8 @@ def bench_command(
     attacks: Annotated[Optional[list[str]], typer.Option("--attacks", help="Attacks: NAME, NAME@STEPS or none.")] = None,
     defenses: Annotated[Optional[list[str]], typer.Option("--defenses", help="Defenses (default: all).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Eval prompts per benchmark.")] = 8,
+    benchmarks: Annotated[Optional[str], typer.Option("--benchmarks", help="Comma list (default: harmbench, "
+                                                      "advbench, overrefusal, gsm8k100, bbq300).")] = None,
     alphas: Annotated[Optional[list[str]], typer.Option("--alphas", help="DEFENSE=A,B,... strengths to sweep; repeatable.")] = None,
     attack_steps: Annotated[Optional[str], typer.Option("--attack-steps", help="Attack-strength axis, e.g. 5,10,20.")] = None,
     judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance, model or model:SPEC.")] = "keyword",
@@ -262,7 +264,10 @@ def bench_command(
         steps = [int(v) for v in attack_steps.split(",") if v.strip()] if attack_steps else None
     except ValueError:
         raise SafetylockError(f"--attack-steps must be integers separated by commas, got '{attack_steps}'") from None
-    settings = BenchSettings(limit=limit, judge=judge, max_new_tokens=max_new_tokens, pairs=pairs, sft_steps=sft_steps,
+    from .bench import BENCHMARKS
+
+    settings = BenchSettings(limit=limit, benchmarks=tuple(_split_list([benchmarks] if benchmarks else None, BENCHMARKS)),
+                             judge=judge, max_new_tokens=max_new_tokens, pairs=pairs, sft_steps=sft_steps,
                              batch_size=batch_size, dtype=dtype)
     result = run_bench(_split_list(models, (DEFAULT_MODEL,)), _split_list(attacks, ("harmful-10",)),
                        _split_list(defenses, DEFENSES), out, alphas=parse_alphas(alphas or []), attack_steps=steps,
