@@ -31,12 +31,11 @@ def harmful10_05b(tmp_path_factory):
 @pytest.fixture(scope="session")
 def lock_05b(tmp_path_factory):
     """Return the path of a lock (with a harmfulness probe) extracted once from the real 0.5B base."""
-    from safetylock.data import contrast_pairs, harmful_prompts, harmless_prompts
+    from safetylock.data import contrast_pairs, gate_prompts
     from safetylock.lock import extract, fit_condition
     from safetylock.models import load_model
 
     model, tok = load_model(REAL, device="cpu")
     lock = extract(model, tok, contrast_pairs(48), seed=0, name=REAL)  # defaults: every head, response:1-8, alpha 1.5
-    lock = fit_condition(lock, model, tok, [p.text for p in harmful_prompts("extract")][-32:],
-                         [p.text for p in harmless_prompts("extract")][:32])
+    lock = fit_condition(lock, model, tok, *gate_prompts(32))
     return lock.save(tmp_path_factory.mktemp("lock05b") / "lock.safetensors")

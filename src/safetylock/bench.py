@@ -310,8 +310,10 @@ def _base_artifact(ctx: _Context, session: _Session, mid: str, defense: str) -> 
 
             plain, _ = _base_artifact(ctx, session, mid, "safetylock")
             start = time.perf_counter()
-            artifact = fit_condition(Lock.load(plain), base, session.tokenizer, _harmful_texts(s.fit_prompts),
-                                     _harmless_texts(s.fit_prompts), seed=s.seed)
+            from .data import gate_prompts
+
+            artifact = fit_condition(Lock.load(plain), base, session.tokenizer, *gate_prompts(s.fit_prompts, s.seed),
+                                     seed=s.seed)
         elif defense == "iti":
             artifact = fit_iti(base, session.tokenizer, _pairs(s.pairs, s.seed), heads=s.iti_heads, seed=s.seed,
                                name=session.spec)

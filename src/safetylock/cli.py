@@ -154,13 +154,15 @@ def serve_command(
     served_name: Annotated[Optional[str], typer.Option("--served-name", help="Model id of the base.")] = None,
     dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Bake a lock whose model name differs (same shapes).")] = False,
+    conditional: Annotated[bool, typer.Option("--conditional", help="Apply the lock at run time, only to requests "
+                                              "its harmfulness probe flags, instead of baking it.")] = False,
 ) -> None:
     """Serve the locked base and its adapters with OpenAI's chat-completions API."""
     from .serve import Engine, parse_adapter_specs, serve
 
     engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
                               name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
-                              force=force)
+                              force=force, conditional=conditional)
     err.print(f"serving {', '.join(engine.names)} at http://{host}:{port}/v1 (lock alpha {engine.alpha:g})")
     serve(engine, host=host, port=port, admin_token=admin_token)
 
@@ -439,10 +441,9 @@ def extract_command(
     lk = extract(m, tok, triples, heads=heads or 100_000, positions=positions, seed=seed, alpha=alpha, batch_size=batch_size,
                  progress=True, name=model)
     if conditional:
-        from .data import harmful_prompts, harmless_prompts
+        from .data import gate_prompts
 
-        harmful = [p.text for p in harmful_prompts("extract")][-64:]
-        harmless = [p.text for p in harmless_prompts("extract")][:64]
+        harmful, harmless = gate_prompts(64, seed)
         lk = fit_condition(lk, m, tok, harmful, harmless, seed=seed, batch_size=batch_size, progress=True)
     lk.save(out)
     err.print(f"extracted {len(lk)} heads from {len(triples)} pairs in {time.perf_counter() - start:.1f} s")

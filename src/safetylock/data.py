@@ -486,3 +486,23 @@ def first_sentence(text: str) -> str:
     text = text.strip()
     match = re.search(r"[.!?](\s|$)|\n", text)
     return text[: match.start() + 1].strip() if match else text
+
+
+def gate_prompts(n: int = 64, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Return (harmful, harmless) prompts for the conditional lock's harmfulness probe, n of each, extract splits only.
+
+    The harmless side mixes the overrefusal set's questions with benign imperative tasks (the project's own
+    arithmetic and Python instructions from the `benign` attack), because harmful prompts are mostly imperatives
+    ("Write...", "Explain how to..."): with questions alone, a probe learns the sentence form, not the intent, and
+    flags "Write a Python function that reverses a string" (measured on the 0.5B).
+    """
+    from .attack import attack_data
+
+    if n < 4:
+        raise SafetylockError(f"the harmfulness probe needs at least 4 prompts of each kind, got {n}")
+    harmful = [p.text for p in harmful_prompts("extract")][-n:]
+    questions = [p.text for p in harmless_prompts("extract")][: n // 2]
+    tasks = [e.prompt for e in attack_data("benign", seed)]
+    rng = random.Random(f"gate-{seed}")
+    rng.shuffle(tasks)
+    return harmful, questions + tasks[: n - len(questions)]

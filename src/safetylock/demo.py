@@ -28,7 +28,7 @@ def _rates(judge: Any, prompts: list[str], texts: list[str]) -> list[bool]:
 def run_demo(model: str, max_new_tokens: int = 32, console: Console | None = None) -> dict[str, Any]:
     """Return the refusal figures of base, fine-tuned and locked model after showing them side by side."""
     from .attack import finetune
-    from .data import contrast_pairs, harmful_prompts, harmless_prompts, load_benchmark
+    from .data import contrast_pairs, gate_prompts, load_benchmark
     from .files import home
     from .generate import generate
     from .judges import KeywordJudge
@@ -54,8 +54,7 @@ def run_demo(model: str, max_new_tokens: int = 32, console: Console | None = Non
         console.print(f"[bold]1. extracting a lock from the aligned base ({DEMO_PAIRS} contrast pairs, every head)[/]")
         t0 = time.perf_counter()
         lock = extract(m, tok, contrast_pairs(DEMO_PAIRS), progress=True, name=model)
-        lock = fit_condition(lock, m, tok, [p.text for p in harmful_prompts("extract")][-32:],
-                             [p.text for p in harmless_prompts("extract")][:32], progress=True)
+        lock = fit_condition(lock, m, tok, *gate_prompts(32), progress=True)
         work.mkdir(parents=True, exist_ok=True)
         lock.save(lock_path)
         console.print(f"extracted {len(lock)} heads in {time.perf_counter() - t0:.0f} s -> {lock_path}")

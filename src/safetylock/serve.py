@@ -343,6 +343,7 @@ class Engine:
         max_queue: int = 256,
         batch_window: float = 0.005,
         force: bool = False,
+        conditional: bool = False,
     ) -> None:
         if max_batch < 1:
             raise SafetylockError("max_batch must be at least 1")
@@ -371,7 +372,16 @@ class Engine:
         lock.validate(model, force=force)
         self.digest = _weights_digest(model)  # before baking: adapters record the unlocked base's digest
         self.alpha = lock.default_alpha if alpha is None else float(alpha)
-        self._protected = self._bake(lock, alpha, force)
+        self.conditional = conditional
+        self._hooks = contextlib.ExitStack()
+        if conditional:  # runtime hooks gated by the lock's harmfulness probe: benign prompts run unshifted
+            if not lock.has_condition:
+                raise SafetylockError("this lock has no harmfulness probe; extract it with --conditional to serve it so")
+            self._protected = {}
+            self._hooks.enter_context(lock.applied(model, alpha=self.alpha, conditional=True, force=force))
+            self._hook_count = _pre_hook_count(model)
+        else:
+            self._protected = self._bake(lock, alpha, force)
         model.eval()
         self._worker = threading.Thread(target=self._run, name="safetylock-serve-worker", daemon=True)
         self._worker.start()
@@ -409,13 +419,15 @@ class Engine:
         return changed
 
     def lock_intact(self) -> bool:
-        """Return whether every parameter the lock baked still holds its baked value."""
+        """Return whether every parameter the lock baked still holds its baked value (or its hooks are all in place)."""
+        if self.conditional:
+            return _pre_hook_count(self.base) >= self._hook_count
         return all(torch.equal(p.detach(), baked) for p, baked in self._protected.values())
 
     def lock_info(self) -> dict[str, Any]:
         metadata = getattr(self.lock, "metadata", {}) or {}
         return {"locked": True, "alpha": self.alpha, "fingerprint": metadata.get("fingerprint"),
-                "baked_parameters": len(self._protected)}
+                "baked_parameters": len(self._protected), "conditional": self.conditional}
 
     # -- adapters ---------------------------------------------------------------------------------------
 
@@ -440,7 +452,7 @@ class Engine:
             return f"only LoRA adapters can be served (this one is {config.get('peft_type')})"
         if str(config.get("bias", "none")) != "none":
             return f"the adapter trains biases (bias={config.get('bias')!r}), which would overwrite the baked lock"
-        protected_modules = {n.rsplit(".", 1)[0] for n in self._protected}
+        protected_modules = {n.rsplit(".", 1)[0] for n in self._protected} | self._hooked_modules()
         for entry in config.get("modules_to_save") or []:
             for path in protected_modules:
                 if any(a == entry or a.endswith("." + entry) for a in _module_paths_ancestors(path)):
@@ -532,6 +544,14 @@ class Engine:
             self._pending.append(job)
             self._cv.notify()
 
+    def _hooked_modules(self) -> set[str]:
+        """Return the paths of the o_proj modules a conditional lock hooks (empty when baked)."""
+        if not self.conditional:
+            return set()
+        from .arch import o_proj_path
+
+        return {o_proj_path(self.base, int(layer)) for layer in set(self.lock.layers.tolist())}
+
     def close(self) -> None:
         """Stop the worker; waiting jobs get an error event."""
         with self._cv:
@@ -541,6 +561,7 @@ class Engine:
         for job in waiting:
             job.emit(Event("error", "the server is shutting down"))
         self._worker.join(timeout=30)
+        self._hooks.close()
 
     def _next_batch(self) -> list[Job] | None:
         with self._cv:
@@ -1002,3 +1023,7 @@ def load_test(url: str, *, model: str, prompts: Sequence[str], requests: int = 3
         "server_mean_batch_size": round(len(ok) / batches, 2) if batches else None,
         "server_max_batch_size": after["max_batch_size"],
     }
+
+
+def _pre_hook_count(model: Any) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
