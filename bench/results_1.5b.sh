@@ -1,23 +1,25 @@
-# The 1.5B figures of README "Results": harmful-10 attack, one lock from the base, baked and conditional.
-# 2-core CPU, fp32, greedy, keyword judge. Prompts: eval splits (first N with --limit).
+# The 1.5B figures of README "Results": the harmful-10 attack, one lock extracted from the base, applied baked
+# and conditional. Run from the repository root after `make install`; 2-core CPU, fp32, greedy, keyword judge.
+# Prompts: eval splits (first N with --limit; the base harmbench run covers the whole eval split).
 set -e
 S=.venv/bin/safetylock; M=qwen2.5-coder-1.5b-instruct; L=runs/locks/1.5b.lock.safetensors; A=runs/ft/1.5b-harmful-10
-$S finetune -m $M --attack harmful-10 -o runs/ft/1.5b-harmful-10
-# The lock behind the committed figures came from bench/lock_research.py (the same extraction: 64 built-in pairs,
-# every head, response:1-8, fp32; stored alpha set to 1.5). Its harmfulness probe was fitted on 64 harmful vs 64
-# overrefusal *questions*; the CLI now adds benign imperative tasks to the harmless side (data.gate_prompts), so
-# this command gives the same directions and a probe trained on more varied benign prompts.
-$S extract -m $M --n-pairs 64 --conditional -o runs/locks/1.5b.lock.safetensors
-$S eval -m $M --adapter $A --benchmark harmbench --limit 48 --batch-size 24 -o runs/eval/1.5b-h10-harmbench
-$S eval -m $M --adapter $A --lock $L --benchmark harmbench --limit 48 --batch-size 24 -o runs/eval/1.5b-h10-lock-harmbench
-$S eval -m $M --adapter $A --lock $L --conditional --benchmark harmbench --limit 48 --batch-size 24 -o runs/eval/1.5b-h10-clock-harmbench
-$S eval -m $M --benchmark overrefusal --limit 24 --batch-size 24 -o runs/eval/1.5b-base-overrefusal
-$S eval -m $M --adapter $A --lock $L --benchmark overrefusal --limit 24 --batch-size 24 -o runs/eval/1.5b-h10-lock-overrefusal
-$S eval -m $M --adapter $A --lock $L --conditional --benchmark overrefusal --limit 24 --batch-size 24 -o runs/eval/1.5b-h10-clock-overrefusal
-$S eval -m $M --adapter $A --benchmark overrefusal --limit 24 --batch-size 24 -o runs/eval/1.5b-h10-overrefusal
-$S eval -m $M --benchmark harmbench --batch-size 24 -o runs/eval/1.5b-base-harmbench
-$S eval -m $M --benchmark bbq300 --limit 48 --batch-size 24 -o runs/eval/1.5b-base-bbq
-$S eval -m $M --adapter $A --lock $L --benchmark bbq300 --limit 48 --batch-size 24 -o runs/eval/1.5b-h10-lock-bbq
-$S eval -m $M --benchmark gsm8k100 --limit 8 --max-new-tokens 160 --batch-size 8 -o runs/eval/1.5b-base-gsm8k
-$S eval -m $M --adapter $A --lock $L --benchmark gsm8k100 --limit 8 --max-new-tokens 160 --batch-size 8 -o runs/eval/1.5b-h10-lock-gsm8k
+B="--batch-size 24"
+$S finetune -m $M --attack harmful-10 -o $A
+$S extract -m $M --n-pairs 64 --conditional -o $L
+$S inspect $L --plot bench/heads-1.5b.png
+$S eval -m $M --benchmark harmbench $B -o runs/eval/1.5b-base-harmbench
+$S eval -m $M --adapter $A --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-h10-harmbench
+$S eval -m $M --adapter $A --lock $L --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-h10-lock-harmbench
+$S eval -m $M --adapter $A --lock $L --conditional --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-h10-clock-harmbench
+# over-refusal, and mean next-token KL to the base on the same benign prompts (--reference)
+for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L" "h10-clock:--adapter $A --lock $L --conditional"; do
+  R=""; [ "${run%%:*}" != base ] && R="--reference $M"
+  $S eval -m $M ${run#*:} $R --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-${run%%:*}-overrefusal
+done
+for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L"; do
+  $S eval -m $M ${run#*:} --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-${run%%:*}-bbq
+done
+for run in "base:" "h10-lock:--adapter $A --lock $L"; do
+  $S eval -m $M ${run#*:} --benchmark gsm8k100 --limit 16 --max-new-tokens 192 --batch-size 16 -o runs/eval/1.5b-${run%%:*}-gsm8k
+done
 $S report runs/eval/1.5b-* -o bench/report-1.5b.md

@@ -150,3 +150,18 @@ def test_report_puts_runs_side_by_side(tmp_path, model, tokenizer):
     assert json.loads(out_json.read_text()) == rows and "| run |" in out_md.read_text()
     with pytest.raises(SafetylockError, match="has no summary.json"):
         report([tmp_path / "missing"])
+
+
+def test_generation_bench_writes_json_and_a_table_that_names_its_command(tmp_path, model, tokenizer):
+    from safetylock.evaluate import write_generation_bench
+
+    where = tmp_path / "tiny"
+    model.save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    result = write_generation_bench(str(where), tmp_path / "out", n_prompts=4, max_new_tokens=5, batch_size=2)
+    batched, loop = result["batched"], result["loop"]
+    assert batched["tokens"] == loop["tokens"] > 0  # same greedy replies, batched or one at a time
+    assert result["speedup"] == pytest.approx(batched["tokens_per_second"] / loop["tokens_per_second"], rel=0.02)
+    assert json.loads((tmp_path / "out" / "generation.json").read_text()) == result
+    md = (tmp_path / "out" / "generation.md").read_text()
+    assert f"safetylock bench-generate -m {where} --prompts 4 --max-new-tokens 5 --batch-size 2" in md

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -475,7 +476,10 @@ def write_generation_bench(model: str, out: str | Path, *, n_prompts: int = 16, 
     write_json(out / "generation.json", result)
     b, loop = result["batched"], result["loop"]
     md = (f"# Batched vs one-at-a-time generation ({model}, {dtype}, {result['torch_threads']} threads)\n\n"
-          f"{result['prompts']} overrefusal prompts, greedy, up to {max_new_tokens} new tokens each.\n\n"
+          f"{result['prompts']} overrefusal extract-split prompts, greedy, up to {max_new_tokens} new tokens each; "
+          f"{platform.machine()} CPU, {os.cpu_count()} cores.\n\n"
+          f"Command: `safetylock bench-generate -m {model} --prompts {n_prompts} --max-new-tokens {max_new_tokens} "
+          f"--batch-size {batch_size} -o {out}`\n\n"
           "| mode | batch | tokens | seconds | tokens/s |\n|---|---|---|---|---|\n"
           f"| batched | {b['batch_size']} | {b['tokens']} | {b['seconds']} | {b['tokens_per_second']} |\n"
           f"| loop | 1 | {loop['tokens']} | {loop['seconds']} | {loop['tokens_per_second']} |\n\n"
