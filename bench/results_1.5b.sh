@@ -1,5 +1,6 @@
 # The 1.5B figures of README "Results": the harmful-10 attack, one lock extracted from the base, applied baked
-# and conditional. Run from the repository root after `make install`; 2-core CPU, fp32, greedy, keyword judge.
+# and conditional. Run from the repository root after `make install`; greedy, keyword judge, `--dtype auto`
+# (bf16 on the 2-core AMD EPYC with AVX-512 BF16 that produced the README figures, fp32 on CPUs without it).
 # Prompts: eval splits (first N with --limit; the base harmbench run covers the whole eval split).
 set -e
 S=.venv/bin/safetylock; M=qwen2.5-coder-1.5b-instruct; L=runs/locks/1.5b.lock.safetensors; A=runs/ft/1.5b-harmful-10

@@ -82,8 +82,8 @@ def figures_table(report: dict[str, object]) -> str:
             "p50 first token s | mean batch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:  # type: ignore[union-attr]
         rows.append(f"| {run['label']} | {run['requests']} | {run['concurrency']} | {run['ok']} | {run['seconds']} | "
-                    f"{run['requests_per_second']} | {run['tokens_per_second']} | {run['latency_p50_s']} | "
-                    f"{run['latency_p95_s']} | {run['ttft_p50_s']} | {run['server_mean_batch_size']} |")
+                    f"{run['requests_per_second']} | {run['tokens_per_second']} | {run['latency_p50_s']:.2f} | "
+                    f"{run['latency_p95_s']:.2f} | {run['ttft_p50_s']:.2f} | {run['server_mean_batch_size']} |")
     return "\n".join(rows)
 
 
@@ -93,7 +93,7 @@ def write_markdown(report: dict[str, object], path: Path) -> None:
     runs = report["runs"]  # type: ignore[index]
     body = "\n".join([
         start,
-        f"Measured {report['date']} on {report['machine']}, model `{report['model']}` (bf16, CPU), lock "
+        f"Measured {report['date']} on {report['machine']}, model `{report['model']}` ({report['dtype']}), lock "
         f"`{report['lock_name']}` baked in, `max_tokens` {runs[0]['max_tokens']}, greedy, streaming.",  # type: ignore[index]
         "",
         figures_table(report),
@@ -141,10 +141,13 @@ def main() -> None:
         server.wait(timeout=60)
     import torch
 
+    from safetylock.models import auto_dtype
+
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}",
         "model": args.model,
+        "dtype": f"{str(auto_dtype()).removeprefix('torch.')}, the server's --dtype auto",
         "lock_name": lock.name,
         "script_args": [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k != "lock"],
         "server_command": shlex.join(["safetylock", *server_cmd[len(SAFETYLOCK):]]),
