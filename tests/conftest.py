@@ -13,6 +13,17 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+@pytest.fixture()
+def tiny_dir(tmp_path, tokenizer):
+    """A tiny qwen2 checkpoint on disk, loadable by spec (as the CLI and load_model need)."""
+    from tiny import tiny_model
+
+    where = tmp_path / "tiny-qwen2"
+    tiny_model("qwen2").save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
+
+
 REAL = "qwen2.5-coder-0.5b-instruct"
 
 

@@ -38,15 +38,6 @@ def logits(model, tokenizer, text: str = "<|im_start|>user\nhello there<|im_end|
         return model(input_ids=ids).logits.float()
 
 
-@pytest.fixture()
-def tiny_dir(tmp_path, tokenizer):
-    """A tiny qwen2 checkpoint on disk, loadable by spec (as the CLI and load_model need)."""
-    where = tmp_path / "tiny-qwen2"
-    tiny_model("qwen2").save_pretrained(where)
-    tokenizer.save_pretrained(where)
-    return where
-
-
 def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter_model.safetensors"))
 

@@ -25,14 +25,6 @@ MICRO = BenchSettings(limit=2, judge="keyword", max_new_tokens=6, math_tokens=6,
                       lock_heads=4, iti_heads=4, fit_prompts=8, sft_steps=1, sft_batch=4, dtype="fp32")
 
 
-@pytest.fixture()
-def tiny_dir(tmp_path, tokenizer):
-    where = tmp_path / "tiny-qwen2"
-    tiny_model("qwen2").save_pretrained(where)
-    tokenizer.save_pretrained(where)
-    return where
-
-
 def counting_loader(calls: list[str]):
     from safetylock.models import load_model
 

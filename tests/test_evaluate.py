@@ -152,12 +152,10 @@ def test_report_puts_runs_side_by_side(tmp_path, model, tokenizer):
         report([tmp_path / "missing"])
 
 
-def test_generation_bench_writes_json_and_a_table_that_names_its_command(tmp_path, model, tokenizer):
+def test_generation_bench_writes_json_and_a_table_that_names_its_command(tmp_path, tiny_dir):
     from safetylock.evaluate import write_generation_bench
 
-    where = tmp_path / "tiny"
-    model.save_pretrained(where)
-    tokenizer.save_pretrained(where)
+    where = tiny_dir
     result = write_generation_bench(str(where), tmp_path / "out", n_prompts=4, max_new_tokens=5, batch_size=2)
     batched, loop = result["batched"], result["loop"]
     assert batched["tokens"] == loop["tokens"] > 0  # same greedy replies, batched or one at a time

@@ -1,0 +1,98 @@
+"""How long baking a lock takes, and what a baked model costs at generation time; writes bench/apply.{json,md}.
+
+    .venv/bin/python bench/apply_bench.py --model ALIAS --lock LOCK [--adapter DIR] [--repeats 20]
+
+Baking is timed `--repeats` times (unbaking in between) and the median reported, split into the lock-side
+preparation (`Lock.deltas`: the per-layer shift vectors at this alpha, no model weights touched) and the bake
+itself (`Lock.bake`: one W_o @ delta per layer, NaN check, bias write). Generation tokens/s of the unlocked and
+the baked model are measured alternately (three rounds each, same prompts, greedy) so that drift on a shared
+machine hits both; the ratio of the medians is the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from safetylock.data import load_benchmark
+from safetylock.generate import generate
+from safetylock.lock import Lock
+from safetylock.models import load_model
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--lock", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model, adapter=args.adapter)
+    model.eval()
+    lock = Lock.load(args.lock)
+    prep, bake = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        lock.deltas(None, model)
+        prep.append(time.perf_counter() - start)
+        bake.append(lock.bake(model))
+        lock.unbake(model)
+
+    prompts = [p.text for p in load_benchmark("overrefusal", "extract")[:8]]
+    generate(model, tokenizer, prompts[:1], max_new_tokens=4, batch_size=1)  # warm-up
+    tps: dict[str, list[float]] = {"unlocked": [], "baked": []}
+    for _ in range(args.rounds):
+        for state in ("unlocked", "baked"):
+            if state == "baked":
+                lock.bake(model)
+            out = generate(model, tokenizer, prompts, max_new_tokens=32, batch_size=8)
+            tps[state].append(out.tokens_per_second)
+            if state == "baked":
+                lock.unbake(model)
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    result = {
+        "model": args.model, "adapter": str(args.adapter) if args.adapter else None, "lock": args.lock.name,
+        "heads": len(lock), "alpha": lock.default_alpha, "dtype": dtype,
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "repeats": args.repeats,
+        "prep_ms_median": round(statistics.median(prep) * 1000, 3),
+        "bake_ms_median": round(statistics.median(bake) * 1000, 3),
+        "bake_ms_min": round(min(bake) * 1000, 3),
+        "tokens_per_second": {k: [round(v, 2) for v in vs] for k, vs in tps.items()},
+        "tps_ratio_baked_over_unlocked": round(statistics.median(tps["baked"]) / statistics.median(tps["unlocked"]), 3),
+        "command": "bench/apply_bench.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()
+                                                      if v is not None and k != "out"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "apply.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = (f"# Applying a lock: time and generation cost\n\n"
+          f"`{result['model']}`{' + ' + result['adapter'] if result['adapter'] else ''}, lock `{result['lock']}` "
+          f"({result['heads']} heads, alpha {result['alpha']}), {dtype}; {result['machine']}.\n\n"
+          f"Command: `.venv/bin/python {result['command']}`\n\n"
+          "| what | figure |\n|---|---|\n"
+          f"| lock-side preparation (`Lock.deltas`), median of {args.repeats} | {result['prep_ms_median']} ms |\n"
+          f"| bake into the model (`Lock.bake`), median of {args.repeats} | {result['bake_ms_median']} ms "
+          f"(min {result['bake_ms_min']} ms) |\n"
+          f"| generation tokens/s, unlocked ({args.rounds} rounds) | {', '.join(map(str, result['tokens_per_second']['unlocked']))} |\n"
+          f"| generation tokens/s, baked ({args.rounds} rounds) | {', '.join(map(str, result['tokens_per_second']['baked']))} |\n"
+          f"| baked / unlocked tokens/s (medians) | {result['tps_ratio_baked_over_unlocked']} |\n")
+    (args.out / "apply.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Print the README's results table from the eval runs of bench/results_1.5b.sh (and friends).
+
+    .venv/bin/python bench/results_table.py [--runs runs/eval] [--prefix 1.5b]
+
+One row per model variant (`PREFIX-VARIANT-BENCHMARK` directories): harmbench harmful rate, over-refusal rate
+with reply length and KL to the base, bbq300 and gsm8k100 accuracy. The base's harmbench rate is also given on
+the prompts the other rows used, so rows compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+VARIANTS = {
+    "base": "base (aligned)",
+    "h10": "harmful-10 fine-tune",
+    "h10-lock": "harmful-10 + SafetyLock, baked (alpha 1.5)",
+    "h10-cal": "harmful-10 + SafetyLock, baked, calibrated alpha",
+    "h10-clock": "harmful-10 + SafetyLock, conditional (runtime)",
+    "h100": "harmful-100 fine-tune",
+    "h100-lock": "harmful-100 + SafetyLock, baked (alpha 1.5)",
+    "h100-clock": "harmful-100 + SafetyLock, conditional (runtime)",
+    "aoa": "AOA identity-shift fine-tune (AOA system prompt)",
+    "aoa-lock": "AOA + SafetyLock, baked (alpha 1.5)",
+    "aoa-clock": "AOA + SafetyLock, conditional (runtime)",
+    "benign": "benign fine-tune",
+    "benign-lock": "benign + SafetyLock, baked (alpha 1.5)",
+    "benign-clock": "benign + SafetyLock, conditional (runtime)",
+}
+
+
+def load(runs: Path, prefix: str, variant: str, bench: str) -> dict | None:
+    path = runs / f"{prefix}-{variant}-{bench}" / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pct(value: float | None, n: int | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" + (f" (n={n})" if n else "")
+
+
+def harmful_on(runs: Path, prefix: str, variant: str, ids: list[str]) -> float | None:
+    """Harmful rate of `variant`'s harmbench run restricted to the prompt ids `ids`."""
+    path = runs / f"{prefix}-{variant}-harmbench" / "results.jsonl"
+    if not path.is_file():
+        return None
+    rows = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    kept = [rows[i] for i in ids if i in rows]
+    return sum(not r["judgment"]["refused"] for r in kept) / len(kept) if len(kept) == len(ids) else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=Path, default=Path("runs/eval"))
+    parser.add_argument("--prefix", default="1.5b")
+    args = parser.parse_args()
+    lines = ["| model | harmbench harmful | over-refusal | reply tokens (benign) | KL to base (benign) | bbq300 | gsm8k100 |",
+             "|---|---|---|---|---|---|---|"]
+    shared: list[str] = []
+    for variant in VARIANTS:
+        other = load(args.runs, args.prefix, variant, "harmbench")
+        if variant != "base" and other is not None and not shared:
+            path = args.runs / f"{args.prefix}-{variant}-harmbench" / "results.jsonl"
+            shared = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    for variant, label in VARIANTS.items():
+        hb, ovr = load(args.runs, args.prefix, variant, "harmbench"), load(args.runs, args.prefix, variant, "overrefusal")
+        bbq, gsm = load(args.runs, args.prefix, variant, "bbq"), load(args.runs, args.prefix, variant, "gsm8k")
+        if not any((hb, ovr, bbq, gsm)):
+            continue
+        harm = pct(hb["harmful_rate"], hb["n"]) if hb else "-"
+        if variant == "base" and hb and shared and hb["n"] != len(shared):
+            harm += f"; {pct(harmful_on(args.runs, args.prefix, 'base', shared))} on the {len(shared)} the other rows use"
+        kl = ovr.get("kl_to_reference") if ovr else None
+        lines.append(f"| {label} | {harm} | {pct(ovr['refusal_rate'], ovr['n']) if ovr else '-'} | "
+                     f"{ovr['mean_tokens']:.0f} | " if ovr else f"| {label} | {harm} | - | - | ")
+        lines[-1] += (f"{kl:.3f} | " if kl is not None else "- | ")
+        lines[-1] += f"{pct(bbq.get('accuracy'), bbq['n']) if bbq else '-'} | {pct(gsm.get('accuracy'), gsm['n']) if gsm else '-'} |"
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
