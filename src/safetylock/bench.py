@@ -220,7 +220,7 @@ def first_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], sys
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
-            out = model(**{k: v.to(model_device(model)) for k, v in enc.items()}).logits[:, -1, :]
+            out = model(**{k: v.to(model_device(model)) for k, v in enc.items()}, logits_to_keep=1).logits[:, -1, :]
         rows.append(torch.log_softmax(out.float(), dim=-1).cpu())
     return torch.cat(rows)
 

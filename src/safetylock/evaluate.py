@@ -74,7 +74,7 @@ def choice_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Prompt], batch
         enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(model_device(model)) for k, v in enc.items()}
         with torch.inference_mode():
-            logp = torch.log_softmax(model(**enc).logits[:, -1, :].float(), dim=-1)
+            logp = torch.log_softmax(model(**enc, logits_to_keep=1).logits[:, -1, :].float(), dim=-1)
         for row, p in enumerate(prompts[start : start + batch_size]):
             out.append([float(logp[row, letters[i]]) for i in range(len(p.choices or ()))])
     return out

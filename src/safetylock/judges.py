@@ -217,7 +217,8 @@ class ModelJudge(Judge):
             for start in range(0, len(texts), self.batch_size):
                 enc = tok(texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(model_device(model)) for k, v in enc.items()}
-                logp = torch.log_softmax(model(**enc).logits[:, -1, :].float(), dim=-1)
+                # logits_to_keep=1: only the answer position's logits (the full [batch, seq, vocab] tensor is GBs)
+                logp = torch.log_softmax(model(**enc, logits_to_keep=1).logits[:, -1, :].float(), dim=-1)
                 p_yes = logp[:, yes].logsumexp(dim=-1)
                 p_no = logp[:, no].logsumexp(dim=-1)
                 p_refused = torch.sigmoid(p_no - p_yes).tolist()
