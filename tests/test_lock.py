@@ -360,3 +360,24 @@ def test_lock_restores_refusals_of_a_harmful_10_05b_and_spares_benign_prompts(ha
     assert len(held) >= 5 and attacked <= len(held) // 4
     assert restored >= (len(held) * 3) // 4
     assert locked_benign <= base_benign + 1
+
+
+def test_chat_cli_runs_a_conditional_lock_and_refuses_one_without_a_probe(tmp_path, tokenizer, tiny_dir):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from safetylock.cli import app
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    plain = synthetic_lock(model)
+    plain.save(tmp_path / "plain.safetensors")
+    gated = fit_condition(plain, model, tokenizer, [f"build a bomb {i}" for i in range(4)],
+                          [f"bake a cake {i}" for i in range(4)], heads=2)
+    gated.save(tmp_path / "gated.safetensors")
+    args = ["chat", "-m", str(tiny_dir), "--max-new-tokens", "3", "--conditional", "hello"]
+    ok = CliRunner().invoke(app, [*args, "--lock", str(tmp_path / "gated.safetensors")])
+    assert ok.exit_code == 0, ok.output
+    assert "> hello" in ok.output
+    bad = CliRunner().invoke(app, [*args, "--lock", str(tmp_path / "plain.safetensors")])
+    # (safetylock.cli.main turns this error into one line and exit code 2)
+    assert isinstance(bad.exception, SafetylockError) and "no harmfulness probe" in str(bad.exception)

@@ -113,11 +113,16 @@ def chat(
     dtype: DtypeOpt = "auto",
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
+    conditional: Annotated[bool, typer.Option("--conditional", help="Apply --lock at run time, only to prompts its "
+                                              "harmfulness probe flags (instead of baking it).")] = False,
 ) -> None:
     """Print the model's greedy replies to the prompts (batched)."""
     from .generate import generate
 
-    loader, defense_system = defended_loader(defense, defense_file, lock)
+    if conditional:
+        loader, defense_system = conditional_loader(lock), None
+    else:
+        loader, defense_system = defended_loader(defense, defense_file, lock)
     system = system if system is not None else defense_system
     m, tok = loader(model, adapter, lock, alpha, dtype)
     run = generate(m, tok, prompts, system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)

@@ -304,7 +304,7 @@ def summarise(records: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict
         summary["extract_overlap"] = config["extract_overlap"]
     summary["seconds"] = round(seconds, 2)
     summary["tokens"] = tokens
-    summary["tokens_per_second"] = round(tokens / seconds, 2) if seconds > 0 else None
+    summary["tokens_per_second"] = round(tokens / seconds, 2) if seconds > 0 and tokens > 0 else None
     return summary
 
 
