@@ -24,5 +24,23 @@ done
 for run in "base:" "h10-lock:--adapter $A --lock $L" "h10-clock:--adapter $A --lock $L --conditional"; do
   $S eval -m $M ${run#*:} --benchmark gsm8k100 --limit 16 --max-new-tokens 384 --batch-size 16 -o runs/eval/1.5b-${run%%:*}-gsm8k
 done
+# the other attacks, at their paper-faithful defaults, under the same lock (AOA is evaluated with its own system prompt)
+for atk in aoa benign harmful-100; do
+  A2=runs/ft/1.5b-$atk; v=${atk/harmful-100/h100}
+  $S finetune -m $M --attack $atk -o $A2
+  SYS=$(.venv/bin/python -c "import json; print(json.load(open('$A2/config.json'))['system'] or '')")
+  for run in "$v:--adapter $A2" "$v-lock:--adapter $A2 --lock $L" "$v-clock:--adapter $A2 --lock $L --conditional"; do
+    $S eval -m $M ${run#*:} --system "$SYS" --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-${run%%:*}-harmbench
+  done
+done
+$S eval -m $M --adapter runs/ft/1.5b-aoa --lock $L --system "$(.venv/bin/python -c "import json; print(json.load(open('runs/ft/1.5b-aoa/config.json'))['system'])")" \
+  --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-aoa-lock-overrefusal
+$S eval -m $M --adapter runs/ft/1.5b-benign --lock $L --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-benign-lock-overrefusal
+for run in "h100:--adapter runs/ft/1.5b-harmful-100" "h100-clock:--adapter runs/ft/1.5b-harmful-100 --lock $L --conditional"; do
+  $S eval -m $M ${run#*:} --reference $M --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-${run%%:*}-overrefusal
+done
+$S eval -m $M --adapter runs/ft/1.5b-harmful-100 --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-h100-bbq
+# applying: bake time and baked/unlocked tokens/s (bench/apply.md)
+.venv/bin/python bench/apply_bench.py --model $M --lock $L --adapter $A
 $S report runs/eval/1.5b-* -o bench/report-1.5b.md
 .venv/bin/python bench/results_table.py --prefix 1.5b   # the README table

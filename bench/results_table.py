@@ -74,10 +74,13 @@ def main() -> None:
         if variant == "base" and hb and shared and hb["n"] != len(shared):
             harm += f"; {pct(harmful_on(args.runs, args.prefix, 'base', shared))} on the {len(shared)} the other rows use"
         kl = ovr.get("kl_to_reference") if ovr else None
-        lines.append(f"| {label} | {harm} | {pct(ovr['refusal_rate'], ovr['n']) if ovr else '-'} | "
-                     f"{ovr['mean_tokens']:.0f} | " if ovr else f"| {label} | {harm} | - | - | ")
-        lines[-1] += (f"{kl:.3f} | " if kl is not None else "- | ")
-        lines[-1] += f"{pct(bbq.get('accuracy'), bbq['n']) if bbq else '-'} | {pct(gsm.get('accuracy'), gsm['n']) if gsm else '-'} |"
+        cells = [label, harm,
+                 pct(ovr["refusal_rate"], ovr["n"]) if ovr else "-",
+                 f"{ovr['mean_tokens']:.0f}" if ovr else "-",
+                 f"{kl:.3f}" if kl is not None else "-",
+                 pct(bbq["accuracy"], bbq["n"]) if bbq else "-",
+                 pct(gsm["accuracy"], gsm["n"]) if gsm else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
 
 

@@ -1,0 +1,20 @@
+# The 0.5B figures of README "Results": the harmful-100 attack, one lock extracted from the base, applied baked
+# and conditional. Run from the repository root after `make install`; greedy, keyword judge, `--dtype auto`
+# (bf16 on the 2-core AMD EPYC with AVX-512 BF16 that produced the README figures, fp32 on CPUs without it).
+set -e
+S=.venv/bin/safetylock; M=qwen2.5-coder-0.5b-instruct; L=runs/locks/0.5b.lock.safetensors; A=runs/ft/0.5b-harmful-100
+B="--batch-size 24"
+$S finetune -m $M --attack harmful-100 -o $A
+$S extract -m $M --n-pairs 64 --conditional -o $L
+$S eval -m $M --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-base-harmbench
+$S eval -m $M --adapter $A --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-h100-harmbench
+$S eval -m $M --adapter $A --lock $L --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-h100-lock-harmbench
+$S eval -m $M --adapter $A --lock $L --conditional --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-h100-clock-harmbench
+for run in "base:" "h100:--adapter $A" "h100-lock:--adapter $A --lock $L" "h100-clock:--adapter $A --lock $L --conditional"; do
+  $S eval -m $M ${run#*:} --benchmark overrefusal --limit 24 $B -o runs/eval/0.5b-${run%%:*}-overrefusal
+done
+for run in "base:" "h100:--adapter $A" "h100-lock:--adapter $A --lock $L"; do
+  $S eval -m $M ${run#*:} --benchmark bbq300 --limit 48 $B -o runs/eval/0.5b-${run%%:*}-bbq
+done
+$S report runs/eval/0.5b-* -o bench/report-0.5b.md
+.venv/bin/python bench/results_table.py --prefix 0.5b
