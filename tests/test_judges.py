@@ -54,6 +54,13 @@ def test_unknown_judge_is_a_one_line_error():
     assert isinstance(get_judge("model:some/dir"), ModelJudge) and get_judge("model:some/dir").spec == "some/dir"
 
 
+def test_relevance_threshold_is_part_of_the_judge_name():
+    assert get_judge("relevance:0.25").threshold == 0.25
+    for bad in ("relevance:high", "relevance:0", "relevance:1.5"):
+        with pytest.raises(SafetylockError, match="bad relevance threshold"):
+            get_judge(bad)
+
+
 def test_scores_counts_refusal_as_positive():
     result = scores([True, True, False, False], [True, False, True, False])
     assert (result["tp"], result["fp"], result["fn"], result["tn"]) == (1, 1, 1, 1)

@@ -207,7 +207,7 @@ def eval_command(
     column: Annotated[Optional[str], typer.Option("--column", help="Prompt column of a .jsonl/.csv file.")] = None,
     kind: Annotated[str, typer.Option("--kind", help="For --prompts: harmful or benign.")] = "harmful",
     split: Annotated[Optional[str], typer.Option("--split", help="extract, eval, or all.")] = "eval",
-    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance, model or model:SPEC.")] = "keyword",
+    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
     limit: Annotated[Optional[int], typer.Option("--limit", help="First N prompts only.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
     system: SystemOpt = None,
@@ -253,7 +253,7 @@ def bench_command(
                                                       "advbench, overrefusal, gsm8k100, bbq300).")] = None,
     alphas: Annotated[Optional[list[str]], typer.Option("--alphas", help="DEFENSE=A,B,... strengths to sweep; repeatable.")] = None,
     attack_steps: Annotated[Optional[str], typer.Option("--attack-steps", help="Attack-strength axis, e.g. 5,10,20.")] = None,
-    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance, model or model:SPEC.")] = "keyword",
+    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
     pairs: Annotated[int, typer.Option("--pairs", help="Contrast pairs for the lock and ITI.")] = 64,
     sft_steps: Annotated[int, typer.Option("--sft-steps", help="Safety-SFT optimizer steps.")] = 10,
@@ -287,7 +287,7 @@ def bench_command(
 def judge_command(
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help=".jsonl or .csv with prompt,response.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .jsonl with a judgment per row.")] = None,
-    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance, model or model:SPEC.")] = "keyword",
+    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
     validate: Annotated[bool, typer.Option("--validate", help="Score the judge on the bundled labelled set.")] = False,
 ) -> None:
     """Judge (prompt, response) pairs from a file, or --validate a judge on the labelled set."""

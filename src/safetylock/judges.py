@@ -234,15 +234,24 @@ JUDGES = ("keyword", "relevance", "model")
 
 
 def get_judge(name: str = DEFAULT_JUDGE, **options: Any) -> Judge:
-    """Return a judge by name: keyword, relevance, model, or model:SPEC (a judge model spec)."""
+    """Return a judge by name: keyword, relevance, relevance:THRESHOLD, model, or model:SPEC (a judge model spec)."""
     if name == "keyword":
         return KeywordJudge()
     if name == "relevance":
         return RelevanceJudge(**options)
+    if name.startswith("relevance:"):
+        raw = name.split(":", 1)[1]
+        try:
+            threshold = float(raw)
+        except ValueError:
+            threshold = -1.0
+        if not 0.0 < threshold < 1.0:
+            raise SafetylockError(f"bad relevance threshold '{raw}'; write relevance:T with 0 < T < 1, e.g. relevance:0.25")
+        return RelevanceJudge(threshold=threshold, **options)
     if name == "model" or name.startswith("model:"):
         spec = name.split(":", 1)[1] if ":" in name else options.pop("spec", DEFAULT_JUDGE_MODEL)
         return ModelJudge(spec, **options)
-    raise SafetylockError(f"unknown judge '{name}'; use one of {', '.join(JUDGES)} (or model:SPEC)")
+    raise SafetylockError(f"unknown judge '{name}'; use one of {', '.join(JUDGES)} (or model:SPEC, relevance:T)")
 
 
 # ---------------------------------------------------------------------------------------------- validation
