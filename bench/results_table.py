@@ -24,6 +24,7 @@ VARIANTS = {
     "h100": "harmful-100 fine-tune",
     "h100-lock": "harmful-100 + SafetyLock, baked (alpha 1.5)",
     "h100-clock": "harmful-100 + SafetyLock, conditional (runtime)",
+    "h100-clock-a3": "harmful-100 + SafetyLock, conditional, alpha 3",
     "aoa": "AOA identity-shift fine-tune (AOA system prompt)",
     "aoa-lock": "AOA + SafetyLock, baked (alpha 1.5)",
     "aoa-clock": "AOA + SafetyLock, conditional (runtime)",
@@ -33,8 +34,14 @@ VARIANTS = {
 }
 
 
+def run_dir(runs: Path, prefix: str, variant: str, bench: str) -> Path:
+    """`PREFIX-VARIANT-BENCH`, or for the alpha sweep's runs (`...-aA`) `PREFIX-alpha/ATTACK-MODE-aA-BENCH`."""
+    direct = runs / f"{prefix}-{variant}-{bench}"
+    return direct if direct.exists() else runs / f"{prefix}-alpha" / f"{variant}-{bench}"
+
+
 def load(runs: Path, prefix: str, variant: str, bench: str) -> dict | None:
-    path = runs / f"{prefix}-{variant}-{bench}" / "summary.json"
+    path = run_dir(runs, prefix, variant, bench) / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -46,7 +53,7 @@ def pct(value: float | None, n: int | None = None) -> str:
 
 def harmful_on(runs: Path, prefix: str, variant: str, ids: list[str]) -> float | None:
     """Harmful rate of `variant`'s harmbench run restricted to the prompt ids `ids`."""
-    path = runs / f"{prefix}-{variant}-harmbench" / "results.jsonl"
+    path = run_dir(runs, prefix, variant, "harmbench") / "results.jsonl"
     if not path.is_file():
         return None
     rows = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
@@ -58,7 +65,7 @@ def deflection_aware(runs: Path, prefix: str, variant: str, bench: str) -> float
     """Share of `variant`'s replies on `bench` that `relevance:0.25` (the judge that counts deflections) calls refused."""
     from safetylock.judges import get_judge
 
-    path = runs / f"{prefix}-{variant}-{bench}" / "results.jsonl"
+    path = run_dir(runs, prefix, variant, bench) / "results.jsonl"
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -77,7 +84,7 @@ def main() -> None:
     for variant in VARIANTS:
         other = load(args.runs, args.prefix, variant, "harmbench")
         if variant != "base" and other is not None and not shared:
-            path = args.runs / f"{args.prefix}-{variant}-harmbench" / "results.jsonl"
+            path = run_dir(args.runs, args.prefix, variant, "harmbench") / "results.jsonl"
             shared = [json.loads(line)["id"] for line in path.read_text().splitlines()]
     for variant, label in VARIANTS.items():
         hb, ovr = load(args.runs, args.prefix, variant, "harmbench"), load(args.runs, args.prefix, variant, "overrefusal")
