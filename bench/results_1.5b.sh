@@ -21,7 +21,7 @@ for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L" "h10-clo
   $S eval -m $M ${run#*:} --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-${run%%:*}-bbq
 done
 # gsm8k needs long replies: at 192 new tokens most of the 1.5B's worked answers were cut off before the result
-for run in "base:" "h10-lock:--adapter $A --lock $L" "h10-clock:--adapter $A --lock $L --conditional"; do
+for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L" "h10-clock:--adapter $A --lock $L --conditional"; do
   $S eval -m $M ${run#*:} --benchmark gsm8k100 --limit 16 --max-new-tokens 384 --batch-size 16 -o runs/eval/1.5b-${run%%:*}-gsm8k
 done
 # the other attacks, at their paper-faithful defaults, under the same lock (AOA is evaluated with its own system prompt)
