@@ -6,7 +6,9 @@ Baking is timed `--repeats` times (unbaking in between) and the median reported,
 preparation (`Lock.deltas`: the per-layer shift vectors at this alpha, no model weights touched) and the bake
 itself (`Lock.bake`: one W_o @ delta per layer, NaN check, bias write). Generation tokens/s of the unlocked and
 the baked model are measured alternately (three rounds each, same prompts, greedy) so that drift on a shared
-machine hits both; the ratio of the medians is the figure.
+machine hits both; the ratio of the medians is the figure. Every row generates exactly `--new-tokens` tokens
+(EOS ignored): a locked model's replies are often shorter, and in a batch finished rows still cost a step, so
+tokens/s of free-running generation would measure reply length, not the cost of the bias.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from safetylock.data import load_benchmark
-from safetylock.generate import generate
+from safetylock.generate import format_chat
 from safetylock.lock import Lock
 from safetylock.models import load_model
 
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
 
@@ -50,15 +53,25 @@ def main() -> None:
         bake.append(lock.bake(model))
         lock.unbake(model)
 
-    prompts = [p.text for p in load_benchmark("overrefusal", "extract")[:8]]
-    generate(model, tokenizer, prompts[:1], max_new_tokens=4, batch_size=1)  # warm-up
+    prompts = [format_chat(tokenizer, p.text) for p in load_benchmark("overrefusal", "extract")[:8]]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def fixed_length_tps() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - start
+        return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0] / seconds
+
+    fixed_length_tps()  # warm-up
     tps: dict[str, list[float]] = {"unlocked": [], "baked": []}
     for _ in range(args.rounds):
         for state in ("unlocked", "baked"):
             if state == "baked":
                 lock.bake(model)
-            out = generate(model, tokenizer, prompts, max_new_tokens=32, batch_size=8)
-            tps[state].append(out.tokens_per_second)
+            tps[state].append(fixed_length_tps())
             if state == "baked":
                 lock.unbake(model)
 
@@ -87,8 +100,8 @@ def main() -> None:
           f"| lock-side preparation (`Lock.deltas`), median of {args.repeats} | {result['prep_ms_median']} ms |\n"
           f"| bake into the model (`Lock.bake`), median of {args.repeats} | {result['bake_ms_median']} ms "
           f"(min {result['bake_ms_min']} ms) |\n"
-          f"| generation tokens/s, unlocked ({args.rounds} rounds) | {', '.join(map(str, result['tokens_per_second']['unlocked']))} |\n"
-          f"| generation tokens/s, baked ({args.rounds} rounds) | {', '.join(map(str, result['tokens_per_second']['baked']))} |\n"
+          f"| generation tokens/s, unlocked ({args.rounds} rounds, 8 prompts x {args.new_tokens} tokens) | {', '.join(map(str, result['tokens_per_second']['unlocked']))} |\n"
+          f"| generation tokens/s, baked ({args.rounds} rounds, 8 prompts x {args.new_tokens} tokens) | {', '.join(map(str, result['tokens_per_second']['baked']))} |\n"
           f"| baked / unlocked tokens/s (medians) | {result['tps_ratio_baked_over_unlocked']} |\n")
     (args.out / "apply.md").write_text(md)
     print(md)
