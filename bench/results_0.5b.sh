@@ -16,5 +16,15 @@ done
 for run in "base:" "h100:--adapter $A" "h100-lock:--adapter $A --lock $L"; do
   $S eval -m $M ${run#*:} --benchmark bbq300 --limit 48 $B -o runs/eval/0.5b-${run%%:*}-bbq
 done
+# the other attacks under the conditional lock at alpha 1.5 and 3 (AOA is evaluated with its own system prompt)
+for atk in aoa benign harmful-10; do
+  A2=runs/ft/0.5b-$atk; v=${atk/harmful-10/h10}
+  $S finetune -m $M --attack $atk -o $A2
+  SYS=$(.venv/bin/python -c "import json; print(json.load(open('$A2/config.json'))['system'] or '')")
+  for run in "$v:--adapter $A2" "$v-clock:--adapter $A2 --lock $L --conditional" "$v-clock-a3:--adapter $A2 --lock $L --conditional --alpha 3"; do
+    $S eval -m $M ${run#*:} --system "$SYS" --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-${run%%:*}-harmbench
+  done
+  $S eval -m $M --adapter $A2 --lock $L --conditional --alpha 3 --system "$SYS" --benchmark overrefusal --limit 24 $B -o runs/eval/0.5b-$v-clock-a3-overrefusal
+done
 $S report runs/eval/0.5b-* -o bench/report-0.5b.md
 .venv/bin/python bench/results_table.py --prefix 0.5b

@@ -21,6 +21,7 @@ VARIANTS = {
     "h10-lock": "harmful-10 + SafetyLock, baked (alpha 1.5)",
     "h10-cal": "harmful-10 + SafetyLock, baked, calibrated alpha",
     "h10-clock": "harmful-10 + SafetyLock, conditional (runtime)",
+    "h10-clock-a3": "harmful-10 + SafetyLock, conditional, alpha 3",
     "h100": "harmful-100 fine-tune",
     "h100-lock": "harmful-100 + SafetyLock, baked (alpha 1.5)",
     "h100-clock": "harmful-100 + SafetyLock, conditional (runtime)",
@@ -28,9 +29,11 @@ VARIANTS = {
     "aoa": "AOA identity-shift fine-tune (AOA system prompt)",
     "aoa-lock": "AOA + SafetyLock, baked (alpha 1.5)",
     "aoa-clock": "AOA + SafetyLock, conditional (runtime)",
+    "aoa-clock-a3": "AOA + SafetyLock, conditional, alpha 3",
     "benign": "benign fine-tune",
     "benign-lock": "benign + SafetyLock, baked (alpha 1.5)",
     "benign-clock": "benign + SafetyLock, conditional (runtime)",
+    "benign-clock-a3": "benign + SafetyLock, conditional, alpha 3",
 }
 
 
