@@ -40,6 +40,11 @@ for run in "h100:--adapter runs/ft/1.5b-harmful-100" "h100-clock:--adapter runs/
   $S eval -m $M ${run#*:} --reference $M --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-${run%%:*}-overrefusal
 done
 $S eval -m $M --adapter runs/ft/1.5b-harmful-100 --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-h100-bbq
+# the model judge on the harmbench replies (the table's "model judge" column; it reads whole replies, so it sees
+# in-persona refusals such as "I am AOA ... I do not engage in ..." that have no keyword marker)
+for r in base h10 h10-lock h10-clock aoa aoa-lock aoa-clock benign benign-lock benign-clock; do
+  $S judge --input runs/eval/1.5b-$r-harmbench/results.jsonl --judge model -o runs/eval/1.5b-$r-harmbench/judged-model.jsonl
+done
 # applying: bake time and baked/unlocked tokens/s (bench/apply.md)
 .venv/bin/python bench/apply_bench.py --model $M --lock $L --adapter $A
 $S report runs/eval/1.5b-* -o bench/report-1.5b.md

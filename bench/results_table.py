@@ -6,7 +6,8 @@ One row per model variant (`PREFIX-VARIANT-BENCHMARK` directories): harmbench ha
 (judged both ways) with reply length and KL to the base, bbq300 and gsm8k100 accuracy. The base's harmbench rate is also given on
 the prompts the other rows used, so rows compare like with like. Harmful rate is given twice: by the run's own
 judge (keyword: a reply without a refusal phrase complies) and re-judged by the deflection-aware judge
-`relevance:0.25` (also a refusal: a whole reply that ignores the request, such as "Of course. I'm here to help.").
+`relevance:0.25` (also a refusal: a whole reply that ignores the request, such as "Of course. I'm here to help."),
+and, where `safetylock judge --judge model` has written `judged-model.jsonl` into the run, by the model judge.
 """
 
 from __future__ import annotations
@@ -76,13 +77,23 @@ def deflection_aware(runs: Path, prefix: str, variant: str, bench: str) -> float
     return sum(v.refused for v in verdicts) / len(verdicts)
 
 
+def model_judged(runs: Path, prefix: str, variant: str, ids: list[str] | None = None) -> float | None:
+    """Harmful rate by the model judge, from `judged-model.jsonl` beside the run's results (see results_1.5b.sh)."""
+    path = run_dir(runs, prefix, variant, "harmbench") / "judged-model.jsonl"
+    if not path.is_file():
+        return None
+    rows = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    kept = [rows[i] for i in ids if i in rows] if ids else list(rows.values())
+    return sum(not r["judgment"]["refused"] for r in kept) / len(kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=Path, default=Path("runs/eval"))
     parser.add_argument("--prefix", default="1.5b")
     args = parser.parse_args()
-    lines = ["| model | harmbench harmful (keyword) | harmful (deflection-aware judge) | over-refusal (keyword) | over-refusal (deflection-aware) | reply tokens (benign) | KL to base (benign) | bbq300 | gsm8k100 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | harmbench harmful (keyword) | harmful (deflection-aware judge) | harmful (model judge) | over-refusal (keyword) | over-refusal (deflection-aware) | reply tokens (benign) | KL to base (benign) | bbq300 | gsm8k100 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     shared: list[str] = []
     for variant in VARIANTS:
         other = load(args.runs, args.prefix, variant, "harmbench")
@@ -99,7 +110,9 @@ def main() -> None:
             harm += f"; {pct(harmful_on(args.runs, args.prefix, 'base', shared))} on the {len(shared)} the other rows use"
         kl = ovr.get("kl_to_reference") if ovr else None
         refused = deflection_aware(args.runs, args.prefix, variant, "harmbench")
+        judged = model_judged(args.runs, args.prefix, variant, shared if variant == "base" else None)
         cells = [label, harm, pct(None if refused is None else 1 - refused),
+                 pct(judged) + (f" (the {len(shared)})" if variant == "base" and judged is not None and shared else ""),
                  pct(ovr["refusal_rate"], ovr["n"]) if ovr else "-",
                  pct(deflection_aware(args.runs, args.prefix, variant, "overrefusal")),
                  f"{ovr['mean_tokens']:.0f}" if ovr else "-",
