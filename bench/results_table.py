@@ -65,7 +65,7 @@ def harmful_on(runs: Path, prefix: str, variant: str, ids: list[str]) -> float |
     return sum(not r["judgment"]["refused"] for r in kept) / len(kept) if len(kept) == len(ids) else None
 
 
-def deflection_aware(runs: Path, prefix: str, variant: str, bench: str) -> float | None:
+def deflection_aware(runs: Path, prefix: str, variant: str, bench: str, ids: list[str] | None = None) -> float | None:
     """Share of `variant`'s replies on `bench` that `relevance:0.25` (the judge that counts deflections) calls refused."""
     from safetylock.judges import get_judge
 
@@ -73,6 +73,10 @@ def deflection_aware(runs: Path, prefix: str, variant: str, bench: str) -> float
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if ids:
+        rows = [r for r in rows if r["id"] in set(ids)]
+    if not rows or not (path.parent / "summary.json").is_file():  # a run still in progress
+        return None
     verdicts = get_judge("relevance:0.25").judge_many([r["prompt"] for r in rows], [r["response"] for r in rows])
     return sum(v.refused for v in verdicts) / len(verdicts)
 
@@ -109,10 +113,12 @@ def main() -> None:
         if variant == "base" and hb and shared and hb["n"] != len(shared):
             harm += f"; {pct(harmful_on(args.runs, args.prefix, 'base', shared))} on the {len(shared)} the other rows use"
         kl = ovr.get("kl_to_reference") if ovr else None
-        refused = deflection_aware(args.runs, args.prefix, variant, "harmbench")
-        judged = model_judged(args.runs, args.prefix, variant, shared if variant == "base" else None)
-        cells = [label, harm, pct(None if refused is None else 1 - refused),
-                 pct(judged) + (f" (the {len(shared)})" if variant == "base" and judged is not None and shared else ""),
+        on_shared = shared if variant == "base" and hb and shared and hb["n"] != len(shared) else None
+        refused = deflection_aware(args.runs, args.prefix, variant, "harmbench", on_shared)
+        judged = model_judged(args.runs, args.prefix, variant, on_shared)
+        note = f" (the {len(shared)})" if on_shared else ""
+        cells = [label, harm, pct(None if refused is None else 1 - refused) + note,
+                 pct(judged) + (note if judged is not None else ""),
                  pct(ovr["refusal_rate"], ovr["n"]) if ovr else "-",
                  pct(deflection_aware(args.runs, args.prefix, variant, "overrefusal")),
                  f"{ovr['mean_tokens']:.0f}" if ovr else "-",
