@@ -20,25 +20,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from safetylock.judges import get_judge  # noqa: E402
+from results_table import judged_rows, rejudged_refused_share  # noqa: E402  (bench/ is on sys.path when run)
 
 HERE = Path(__file__).resolve().parent
-
-
-def _rejudged(run: Path) -> float:
-    """Share of `run`'s replies that relevance:0.25 calls refused or deflected."""
-    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
-    verdicts = get_judge("relevance:0.25").judge_many([r["prompt"] for r in rows], [r["response"] for r in rows])
-    return sum(v.refused for v in verdicts) / len(verdicts)
 
 
 def rates(harm_dir: Path, benign_dir: Path) -> dict[str, float] | None:
     if not (harm_dir / "summary.json").is_file() or not (benign_dir / "summary.json").is_file():
         return None
     harm, benign = (json.loads((d / "summary.json").read_text()) for d in (harm_dir, benign_dir))
-    return {"harmful_keyword": harm["harmful_rate"], "harmful_deflection_aware": 1 - _rejudged(harm_dir),
-            "harmful_empty_replies": harm["empty_rate"],
-            "over_refusal_keyword": benign["refusal_rate"], "over_refusal_deflection_aware": _rejudged(benign_dir)}
+    return {"harmful_keyword": harm["harmful_rate"],
+            "harmful_deflection_aware": 1 - rejudged_refused_share(judged_rows(harm_dir / "results.jsonl")),
+            "harmful_empty_replies": harm["empty_rate"], "over_refusal_keyword": benign["refusal_rate"],
+            "over_refusal_deflection_aware": rejudged_refused_share(judged_rows(benign_dir / "results.jsonl"))}
 
 
 def main() -> None:

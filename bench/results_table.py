@@ -55,40 +55,42 @@ def pct(value: float | None, n: int | None = None) -> str:
     return f"{100 * value:.1f}%" + (f" (n={n})" if n else "")
 
 
-def harmful_on(runs: Path, prefix: str, variant: str, ids: list[str]) -> float | None:
-    """Harmful rate of `variant`'s harmbench run restricted to the prompt ids `ids`."""
-    path = run_dir(runs, prefix, variant, "harmbench") / "results.jsonl"
-    if not path.is_file():
-        return None
-    rows = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
-    kept = [rows[i] for i in ids if i in rows]
-    return sum(not r["judgment"]["refused"] for r in kept) / len(kept) if len(kept) == len(ids) else None
-
-
-def deflection_aware(runs: Path, prefix: str, variant: str, bench: str, ids: list[str] | None = None) -> float | None:
-    """Share of `variant`'s replies on `bench` that `relevance:0.25` (the judge that counts deflections) calls refused."""
-    from safetylock.judges import get_judge
-
-    path = run_dir(runs, prefix, variant, bench) / "results.jsonl"
+def judged_rows(path: Path, ids: list[str] | None = None) -> list[dict] | None:
+    """Rows of a results/judgments .jsonl (all, or those of `ids`); None if the file, or any of `ids`, is missing."""
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     if ids:
-        rows = [r for r in rows if r["id"] in set(ids)]
-    if not rows or not (path.parent / "summary.json").is_file():  # a run still in progress
+        by_id = {r["id"]: r for r in rows}
+        if any(i not in by_id for i in ids):
+            return None
+        rows = [by_id[i] for i in ids]
+    return rows or None
+
+
+def refused_share(rows: list[dict] | None) -> float | None:
+    """Share of rows whose recorded judgment is a refusal."""
+    return None if rows is None else sum(r["judgment"]["refused"] for r in rows) / len(rows)
+
+
+def rejudged_refused_share(rows: list[dict] | None) -> float | None:
+    """Share of rows that `relevance:0.25` (the judge that also counts deflections) calls refused."""
+    if rows is None:
         return None
+    from safetylock.judges import get_judge
+
     verdicts = get_judge("relevance:0.25").judge_many([r["prompt"] for r in rows], [r["response"] for r in rows])
     return sum(v.refused for v in verdicts) / len(verdicts)
 
 
-def model_judged(runs: Path, prefix: str, variant: str, ids: list[str] | None = None) -> float | None:
-    """Harmful rate by the model judge, from `judged-model.jsonl` beside the run's results (see results_1.5b.sh)."""
-    path = run_dir(runs, prefix, variant, "harmbench") / "judged-model.jsonl"
-    if not path.is_file():
-        return None
-    rows = {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
-    kept = [rows[i] for i in ids if i in rows] if ids else list(rows.values())
-    return sum(not r["judgment"]["refused"] for r in kept) / len(kept)
+def finished_rows(runs: Path, prefix: str, variant: str, bench: str, ids: list[str] | None = None) -> list[dict] | None:
+    """The replies of a finished run (one with summary.json; a run in progress gives None)."""
+    where = run_dir(runs, prefix, variant, bench)
+    return judged_rows(where / "results.jsonl", ids) if (where / "summary.json").is_file() else None
+
+
+def complied(share_refused: float | None) -> float | None:
+    return None if share_refused is None else 1 - share_refused
 
 
 def main() -> None:
@@ -109,18 +111,19 @@ def main() -> None:
         bbq, gsm = load(args.runs, args.prefix, variant, "bbq"), load(args.runs, args.prefix, variant, "gsm8k")
         if not any((hb, ovr, bbq, gsm)):
             continue
-        harm = pct(hb["harmful_rate"], hb["n"]) if hb else "-"
-        if variant == "base" and hb and shared and hb["n"] != len(shared):
-            harm += f"; {pct(harmful_on(args.runs, args.prefix, 'base', shared))} on the {len(shared)} the other rows use"
-        kl = ovr.get("kl_to_reference") if ovr else None
         on_shared = shared if variant == "base" and hb and shared and hb["n"] != len(shared) else None
-        refused = deflection_aware(args.runs, args.prefix, variant, "harmbench", on_shared)
-        judged = model_judged(args.runs, args.prefix, variant, on_shared)
+        replies = finished_rows(args.runs, args.prefix, variant, "harmbench", on_shared)
+        harm = pct(hb["harmful_rate"], hb["n"]) if hb else "-"
+        if on_shared:
+            harm += f"; {pct(complied(refused_share(replies)))} on the {len(shared)} the other rows use"
+        kl = ovr.get("kl_to_reference") if ovr else None
+        judged = complied(refused_share(judged_rows(run_dir(args.runs, args.prefix, variant, "harmbench")
+                                                    / "judged-model.jsonl", on_shared)))
         note = f" (the {len(shared)})" if on_shared else ""
-        cells = [label, harm, pct(None if refused is None else 1 - refused) + note,
+        cells = [label, harm, pct(complied(rejudged_refused_share(replies))) + note,
                  pct(judged) + (note if judged is not None else ""),
                  pct(ovr["refusal_rate"], ovr["n"]) if ovr else "-",
-                 pct(deflection_aware(args.runs, args.prefix, variant, "overrefusal")),
+                 pct(rejudged_refused_share(finished_rows(args.runs, args.prefix, variant, "overrefusal"))),
                  f"{ovr['mean_tokens']:.0f}" if ovr else "-",
                  f"{kl:.3f}" if kl is not None else "-",
                  pct(bbq["accuracy"], bbq["n"]) if bbq else "-",
