@@ -26,6 +26,8 @@ DefenseOpt = Annotated[Optional[str], typer.Option("--defense", help="Baseline d
                                                    "refusal-direction, self-reminder, safety-sft.")]
 DefenseFileOpt = Annotated[Optional[Path], typer.Option("--defense-file", help="The defense's artifact: lock file "
                                                         "(safetylock, iti), direction file or safety-SFT adapter dir.")]
+ConditionalOpt = Annotated[bool, typer.Option("--conditional", help="Apply --lock at run time, only to prompts its "
+                                               "harmfulness probe flags (instead of baking it).")]
 _DEFENDED = []  # context managers of --defense, kept open until the process ends
 
 
@@ -83,6 +85,13 @@ def defended_loader(defense: str | None, artifact: Path | None, lock: Path | Non
     return load, the_defense.system
 
 
+def model_loader(conditional: bool, defense: str | None, artifact: Path | None, lock: Path | None):  # type: ignore[no-untyped-def]
+    """Return (loader, the defense's system prompt or None) for --conditional, --defense or a plain --lock."""
+    if conditional:
+        return conditional_loader(lock), None
+    return defended_loader(defense, artifact, lock)
+
+
 @app.command()
 def models() -> None:
     """List the built-in model aliases, whether each is cached, and its size."""
@@ -113,16 +122,12 @@ def chat(
     dtype: DtypeOpt = "auto",
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
-    conditional: Annotated[bool, typer.Option("--conditional", help="Apply --lock at run time, only to prompts its "
-                                              "harmfulness probe flags (instead of baking it).")] = False,
+    conditional: ConditionalOpt = False,
 ) -> None:
     """Print the model's greedy replies to the prompts (batched)."""
     from .generate import generate
 
-    if conditional:
-        loader, defense_system = conditional_loader(lock), None
-    else:
-        loader, defense_system = defended_loader(defense, defense_file, lock)
+    loader, defense_system = model_loader(conditional, defense, defense_file, lock)
     system = system if system is not None else defense_system
     m, tok = loader(model, adapter, lock, alpha, dtype)
     run = generate(m, tok, prompts, system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
@@ -217,18 +222,14 @@ def eval_command(
     dtype: DtypeOpt = "auto",
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
-    conditional: Annotated[bool, typer.Option("--conditional", help="Apply --lock at run time, only to prompts its "
-                                              "harmfulness probe flags (instead of baking it).")] = False,
+    conditional: ConditionalOpt = False,
 ) -> None:
     """Generate, judge and summarise a prompt set; resumes into the same OUTDIR."""
     import json
 
     from .evaluate import run_eval
 
-    if conditional:
-        loader, defense_system = conditional_loader(lock), None
-    else:
-        loader, defense_system = defended_loader(defense, defense_file, lock)
+    loader, defense_system = model_loader(conditional, defense, defense_file, lock)
     system = system if system is not None else defense_system
     summary = run_eval(model=model, adapter=adapter, lock=lock, alpha=alpha, benchmark=benchmark, prompts_file=prompts,
                        column=column, kind=kind, split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens,
