@@ -13,6 +13,7 @@ from safetylock import SafetylockError
 from safetylock.bench import (
     AttackSpec,
     BenchSettings,
+    deployment_system,
     first_token_kl,
     first_token_logprobs,
     model_identity,
@@ -106,6 +107,16 @@ def test_attack_and_alpha_parsing():
     for bad in (["safetylock"], ["none=1"], ["iti=a"], ["iti="]):
         with pytest.raises(SafetylockError):
             parse_alphas(bad)
+
+
+def test_cells_run_with_the_attacks_system_prompt_then_the_defenses():
+    from safetylock.attack import get_attack
+
+    aoa = get_attack("aoa").system
+    assert aoa and deployment_system("aoa", None) == aoa
+    assert deployment_system("aoa", "Be safe.") == f"{aoa}\n\nBe safe."
+    assert deployment_system("harmful-10", "Be safe.") == "Be safe."
+    assert deployment_system("none", None) is None and deployment_system("benign", None) is None
 
 
 def test_bad_grids_are_refused_before_loading(tmp_path):

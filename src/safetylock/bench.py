@@ -36,7 +36,7 @@ DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {"safetylock": (DEFAULT_ALPHA,), 
                                                 "refusal-direction": (1.0,)}
 SWEPT = tuple(DEFAULT_ALPHAS)
 FITTED = ("safetylock", "safetylock-conditional", "iti", "refusal-direction")  # artifacts fitted on the base
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cells run with the attack's system prompt (AOA)
 Loader = Callable[[str], tuple[Any, Any]]
 
 
@@ -498,20 +498,30 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
         artifact, _ = _sft_artifact(ctx, session, adapter, akey)
     model = session.compromised(adapter)
     d = _defense(defense, artifact)
+    system = deployment_system(attack.name, d.system)
     from .baselines import timed_enter
 
     workdir = ctx.path("evals", ckey)
     with contextlib.ExitStack() as stack:
         kl_to_base = _kl_reference(ctx, session)  # reads the base before any defense touches the model
         defended, apply_seconds = timed_enter(stack, d, model, alpha)
-        metrics = _evaluate_cell(ctx, session, defended, d.system, workdir,
+        metrics = _evaluate_cell(ctx, session, defended, system, workdir,
                                  {k: v for k, v in label.items() if k != "attack_steps"})
-        metrics["kl_to_base"] = kl_to_base(defended, d.system)
+        metrics["kl_to_base"] = kl_to_base(defended, system)
     row = {**label, **metrics, "apply_seconds": round(apply_seconds, 4), "prep_seconds": _prep_seconds(defense, artifact),
            "adapter": str(adapter) if adapter else None, "artifact": str(artifact) if artifact else None, "key": ckey}
     write_json(marker, row)
     ctx.record(f"cell {session.spec} {attack.label} {defense} {alpha}", marker)
     return {**row, "cached": False}
+
+
+def deployment_system(attack: str, defense_system: str | None) -> str | None:
+    """Return the system prompt a cell runs with: the attack's own (AOA's identity prompt), then the defense's."""
+    from .attack import get_attack
+
+    parts = [get_attack(attack).system if attack != "none" else None, defense_system]
+    text = "\n\n".join(p for p in parts if p)
+    return text or None
 
 
 def _artifact_key(ctx: _Context, mid: str, defense: str) -> str:
@@ -689,5 +699,5 @@ def write_plots(result: dict[str, Any], outdir: Path) -> list[Path]:
     return written
 
 
-__all__ = ["BENCHMARKS", "BenchSettings", "DEFAULT_ALPHAS", "parse_alphas", "parse_attacks", "results_markdown",
+__all__ = ["BENCHMARKS", "BenchSettings", "DEFAULT_ALPHAS", "deployment_system", "parse_alphas", "parse_attacks", "results_markdown",
            "run_bench", "write_plots"]
