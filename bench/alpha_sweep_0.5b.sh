@@ -5,7 +5,7 @@ S=.venv/bin/safetylock; M=qwen2.5-coder-0.5b-instruct; L=runs/locks/0.5b.lock.sa
 B="--batch-size 24"
 for a in 2 3 4; do
   for mode in clock lock; do
-    C=""; [ $mode = clock ] && C="--conditional"
+    C="--baked"; [ $mode = clock ] && C="--conditional"
     $S eval -m $M --adapter $A --lock $L --alpha $a $C --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-alpha/h100-$mode-a$a-harmbench
     $S eval -m $M --adapter $A --lock $L --alpha $a $C --benchmark overrefusal --limit 24 $B -o runs/eval/0.5b-alpha/h100-$mode-a$a-overrefusal
   done

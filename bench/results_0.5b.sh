@@ -8,12 +8,12 @@ $S finetune -m $M --attack harmful-100 -o $A
 $S extract -m $M --n-pairs 64 --conditional -o $L
 $S eval -m $M --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-base-harmbench
 $S eval -m $M --adapter $A --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-h100-harmbench
-$S eval -m $M --adapter $A --lock $L --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-h100-lock-harmbench
+$S eval -m $M --adapter $A --lock $L --baked --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-h100-lock-harmbench
 $S eval -m $M --adapter $A --lock $L --conditional --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-h100-clock-harmbench
-for run in "base:" "h100:--adapter $A" "h100-lock:--adapter $A --lock $L" "h100-clock:--adapter $A --lock $L --conditional"; do
+for run in "base:" "h100:--adapter $A" "h100-lock:--adapter $A --lock $L --baked" "h100-clock:--adapter $A --lock $L --conditional"; do
   $S eval -m $M ${run#*:} --benchmark overrefusal --limit 24 $B -o runs/eval/0.5b-${run%%:*}-overrefusal
 done
-for run in "base:" "h100:--adapter $A" "h100-lock:--adapter $A --lock $L"; do
+for run in "base:" "h100:--adapter $A" "h100-lock:--adapter $A --lock $L --baked"; do
   $S eval -m $M ${run#*:} --benchmark bbq300 --limit 48 $B -o runs/eval/0.5b-${run%%:*}-bbq
 done
 # the other attacks under the conditional lock at alpha 1.5 and 3 (AOA is evaluated with its own system prompt)

@@ -10,18 +10,18 @@ $S extract -m $M --n-pairs 64 --conditional -o $L
 $S inspect $L --plot bench/heads-1.5b.png
 $S eval -m $M --benchmark harmbench $B -o runs/eval/1.5b-base-harmbench
 $S eval -m $M --adapter $A --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-h10-harmbench
-$S eval -m $M --adapter $A --lock $L --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-h10-lock-harmbench
+$S eval -m $M --adapter $A --lock $L --baked --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-h10-lock-harmbench
 $S eval -m $M --adapter $A --lock $L --conditional --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-h10-clock-harmbench
 # over-refusal, and mean next-token KL to the base on the same benign prompts (--reference)
-for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L" "h10-clock:--adapter $A --lock $L --conditional"; do
+for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L --baked" "h10-clock:--adapter $A --lock $L --conditional"; do
   R=""; [ "${run%%:*}" != base ] && R="--reference $M"
   $S eval -m $M ${run#*:} $R --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-${run%%:*}-overrefusal
 done
-for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L" "h10-clock:--adapter $A --lock $L --conditional"; do
+for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L --baked" "h10-clock:--adapter $A --lock $L --conditional"; do
   $S eval -m $M ${run#*:} --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-${run%%:*}-bbq
 done
 # gsm8k needs long replies: at 192 new tokens most of the 1.5B's worked answers were cut off before the result
-for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L" "h10-clock:--adapter $A --lock $L --conditional"; do
+for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L --baked" "h10-clock:--adapter $A --lock $L --conditional"; do
   $S eval -m $M ${run#*:} --benchmark gsm8k100 --limit 16 --max-new-tokens 384 --batch-size 16 -o runs/eval/1.5b-${run%%:*}-gsm8k
 done
 # the other attacks, at their paper-faithful defaults, under the same lock (AOA is evaluated with its own system prompt)
@@ -29,17 +29,19 @@ for atk in aoa benign harmful-100; do
   A2=runs/ft/1.5b-$atk; v=${atk/harmful-100/h100}
   $S finetune -m $M --attack $atk -o $A2
   SYS=$(.venv/bin/python -c "import json; print(json.load(open('$A2/config.json'))['system'] or '')")
-  for run in "$v:--adapter $A2" "$v-lock:--adapter $A2 --lock $L" "$v-clock:--adapter $A2 --lock $L --conditional"; do
+  for run in "$v:--adapter $A2" "$v-lock:--adapter $A2 --lock $L --baked" "$v-clock:--adapter $A2 --lock $L --conditional"; do
     $S eval -m $M ${run#*:} --system "$SYS" --benchmark harmbench --limit 48 $B -o runs/eval/1.5b-${run%%:*}-harmbench
   done
 done
-$S eval -m $M --adapter runs/ft/1.5b-aoa --lock $L --system "$(.venv/bin/python -c "import json; print(json.load(open('runs/ft/1.5b-aoa/config.json'))['system'])")" \
+$S eval -m $M --adapter runs/ft/1.5b-aoa --lock $L --baked --system "$(.venv/bin/python -c "import json; print(json.load(open('runs/ft/1.5b-aoa/config.json'))['system'])")" \
   --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-aoa-lock-overrefusal
-$S eval -m $M --adapter runs/ft/1.5b-benign --lock $L --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-benign-lock-overrefusal
-for run in "h100:--adapter runs/ft/1.5b-harmful-100" "h100-clock:--adapter runs/ft/1.5b-harmful-100 --lock $L --conditional"; do
+$S eval -m $M --adapter runs/ft/1.5b-benign --lock $L --baked --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-benign-lock-overrefusal
+for run in "h100:--adapter runs/ft/1.5b-harmful-100" "h100-clock:--adapter runs/ft/1.5b-harmful-100 --lock $L --conditional" \
+           "h100-lock:--adapter runs/ft/1.5b-harmful-100 --lock $L --baked"; do
   $S eval -m $M ${run#*:} --reference $M --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-${run%%:*}-overrefusal
 done
 $S eval -m $M --adapter runs/ft/1.5b-harmful-100 --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-h100-bbq
+$S eval -m $M --adapter runs/ft/1.5b-harmful-100 --benchmark gsm8k100 --limit 16 --max-new-tokens 384 --batch-size 16 -o runs/eval/1.5b-h100-gsm8k
 # the model judge on the harmbench replies (the table's "model judge" column; it reads whole replies, so it sees
 # in-persona refusals such as "I am AOA ... I do not engage in ..." that have no keyword marker)
 for r in base h10 h10-lock h10-clock aoa aoa-lock aoa-clock benign benign-lock benign-clock; do

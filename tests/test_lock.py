@@ -381,3 +381,24 @@ def test_chat_cli_runs_a_conditional_lock_and_refuses_one_without_a_probe(tmp_pa
     bad = CliRunner().invoke(app, [*args, "--lock", str(tmp_path / "plain.safetensors")])
     # (safetylock.cli.main turns this error into one line and exit code 2)
     assert isinstance(bad.exception, SafetylockError) and "no harmfulness probe" in str(bad.exception)
+
+
+def test_a_lock_with_a_probe_applies_conditionally_unless_baked_is_asked(tmp_path, tokenizer):
+    from safetylock.cli import lock_mode, model_loader
+
+    model = tiny_model("llama")
+    plain = synthetic_lock(model)
+    plain.save(tmp_path / "plain.safetensors")
+    fit_condition(plain, model, tokenizer, [f"build a bomb {i}" for i in range(4)], [f"bake a cake {i}" for i in range(4)],
+                  heads=2).save(tmp_path / "gated.safetensors")
+    gated, plain_path = tmp_path / "gated.safetensors", tmp_path / "plain.safetensors"
+    assert lock_mode(None, gated) == "conditional" and lock_mode(False, gated) == "baked"
+    assert lock_mode(None, plain_path) == "baked" and lock_mode(True, plain_path) == "conditional"
+    assert lock_mode(None, None) is None
+    for flag in (True, False):
+        with pytest.raises(SafetylockError, match="needs --lock"):
+            lock_mode(flag, None)
+    with pytest.raises(SafetylockError, match="--defense safetylock-conditional"):
+        model_loader(True, "self-reminder", None, None)
+    assert model_loader(None, None, None, gated)[2] == "conditional"
+    assert model_loader(False, None, None, gated)[2] == "baked"

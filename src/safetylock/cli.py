@@ -26,8 +26,10 @@ DefenseOpt = Annotated[Optional[str], typer.Option("--defense", help="Baseline d
                                                    "refusal-direction, self-reminder, safety-sft.")]
 DefenseFileOpt = Annotated[Optional[Path], typer.Option("--defense-file", help="The defense's artifact: lock file "
                                                         "(safetylock, iti), direction file or safety-SFT adapter dir.")]
-ConditionalOpt = Annotated[bool, typer.Option("--conditional", help="Apply --lock at run time, only to prompts its "
-                                               "harmfulness probe flags (instead of baking it).")]
+ConditionalOpt = Annotated[Optional[bool], typer.Option(
+    "--conditional/--baked", help="How --lock applies: at run time, only to prompts its harmfulness probe flags (the "
+    "default for a lock with a probe), or baked into the o_proj biases for every prompt (the paper's lock; the default "
+    "for a lock without a probe).")]
 _DEFENDED = []  # context managers of --defense, kept open until the process ends
 
 
@@ -47,12 +49,12 @@ def load_for_cli(model: str, adapter: Path | None, lock: Path | None, alpha: flo
 def conditional_loader(lock: Path | None):  # type: ignore[no-untyped-def]
     """Return a loader like load_for_cli that applies the lock at run time, gated by its harmfulness probe."""
     if lock is None:
-        raise SafetylockError("--conditional needs --lock LOCK (a lock extracted with --conditional)")
+        raise SafetylockError("--conditional needs --lock LOCK (a lock extracted with a harmfulness probe)")
     from .lock import Lock
 
     lk = Lock.load(lock)
     if not lk.has_condition:
-        raise SafetylockError(f"{lock} has no harmfulness probe; extract it with --conditional, or drop --conditional")
+        raise SafetylockError(f"{lock} has no harmfulness probe; extract it without --no-conditional, or pass --baked")
 
     def load(model, adapter, lock_, alpha, dtype, force=False):  # type: ignore[no-untyped-def]
         m, tok = load_for_cli(model, adapter, None, None, dtype)
@@ -85,11 +87,33 @@ def defended_loader(defense: str | None, artifact: Path | None, lock: Path | Non
     return load, the_defense.system
 
 
-def model_loader(conditional: bool, defense: str | None, artifact: Path | None, lock: Path | None):  # type: ignore[no-untyped-def]
-    """Return (loader, the defense's system prompt or None) for --conditional, --defense or a plain --lock."""
-    if conditional:
-        return conditional_loader(lock), None
-    return defended_loader(defense, artifact, lock)
+def lock_mode(conditional: bool | None, lock: Path | None) -> str | None:
+    """Return how --lock applies ("conditional" or "baked"; None without a lock) for --conditional/--baked or neither.
+
+    Neither flag: conditional when the lock carries a harmfulness probe (it matched the baked lock's harm reduction
+    with no over-refusal and the fine-tune's own utility in every measured row, README "Results"), baked otherwise.
+    """
+    if lock is None:
+        if conditional is not None:
+            flag = "--conditional" if conditional else "--baked"
+            raise SafetylockError(f"{flag} needs --lock LOCK (it says how the lock applies)")
+        return None
+    if conditional is None:
+        from .lock import Lock
+
+        return "conditional" if Lock.load(lock).has_condition else "baked"
+    return "conditional" if conditional else "baked"
+
+
+def model_loader(conditional: bool | None, defense: str | None, artifact: Path | None, lock: Path | None):  # type: ignore[no-untyped-def]
+    """Return (loader, the defense's system prompt or None, lock mode) for --defense or --lock (conditional or baked)."""
+    if defense is not None and conditional is not None:
+        raise SafetylockError("--conditional/--baked apply to --lock; with --defense use --defense safetylock-conditional "
+                              "or --defense safetylock")
+    mode = lock_mode(conditional, lock) if defense is None else None
+    if mode == "conditional":
+        return conditional_loader(lock), None, mode
+    return (*defended_loader(defense, artifact, lock), mode)
 
 
 @app.command()
@@ -122,12 +146,12 @@ def chat(
     dtype: DtypeOpt = "auto",
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
-    conditional: ConditionalOpt = False,
+    conditional: ConditionalOpt = None,
 ) -> None:
     """Print the model's greedy replies to the prompts (batched)."""
     from .generate import generate
 
-    loader, defense_system = model_loader(conditional, defense, defense_file, lock)
+    loader, defense_system, _ = model_loader(conditional, defense, defense_file, lock)
     system = system if system is not None else defense_system
     m, tok = loader(model, adapter, lock, alpha, dtype)
     run = generate(m, tok, prompts, system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
@@ -164,16 +188,18 @@ def serve_command(
     served_name: Annotated[Optional[str], typer.Option("--served-name", help="Model id of the base.")] = None,
     dtype: DtypeOpt = "auto",
     force: Annotated[bool, typer.Option("--force", help="Bake a lock whose model name differs (same shapes).")] = False,
-    conditional: Annotated[bool, typer.Option("--conditional", help="Apply the lock at run time, only to requests "
-                                              "its harmfulness probe flags, instead of baking it.")] = False,
+    conditional: Annotated[Optional[bool], typer.Option(
+        "--conditional/--baked", help="Apply the lock at run time, only to requests its harmfulness probe flags (the "
+        "default for a lock with a probe), or bake it into the base for every request.")] = None,
 ) -> None:
     """Serve the locked base and its adapters with OpenAI's chat-completions API."""
     from .serve import Engine, parse_adapter_specs, serve
 
     engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
                               name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
-                              force=force, conditional=conditional)
-    err.print(f"serving {', '.join(engine.names)} at http://{host}:{port}/v1 (lock alpha {engine.alpha:g})")
+                              force=force, conditional=lock_mode(conditional, lock) == "conditional")
+    how = "conditional, at run time" if engine.conditional else "baked"
+    err.print(f"serving {', '.join(engine.names)} at http://{host}:{port}/v1 (lock alpha {engine.alpha:g}, {how})")
     serve(engine, host=host, port=port, admin_token=admin_token)
 
 
@@ -222,19 +248,19 @@ def eval_command(
     dtype: DtypeOpt = "auto",
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
-    conditional: ConditionalOpt = False,
+    conditional: ConditionalOpt = None,
 ) -> None:
     """Generate, judge and summarise a prompt set; resumes into the same OUTDIR."""
     import json
 
     from .evaluate import run_eval
 
-    loader, defense_system = model_loader(conditional, defense, defense_file, lock)
+    loader, defense_system, mode = model_loader(conditional, defense, defense_file, lock)
     system = system if system is not None else defense_system
     summary = run_eval(model=model, adapter=adapter, lock=lock, alpha=alpha, benchmark=benchmark, prompts_file=prompts,
                        column=column, kind=kind, split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens,
                        system=system, batch_size=batch_size, reference=reference, overwrite=overwrite, dtype=dtype,
-                       outdir=out, loader=loader)
+                       outdir=out, loader=loader, lock_mode=mode)
     console.print_json(json.dumps(summary))
 
 
@@ -431,7 +457,8 @@ def extract_command(
     positions: Annotated[str, typer.Option("--positions", help="Token positions, e.g. response:1-8, response:-5.")] = "response:1-8",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     alpha: Annotated[float, typer.Option("--alpha", help="Default strength stored in the lock.")] = 1.5,
-    conditional: Annotated[bool, typer.Option("--conditional", help="Also fit a harmfulness probe (built-in prompts).")] = False,
+    conditional: Annotated[bool, typer.Option("--conditional/--no-conditional", help="Also fit a harmfulness probe "
+                                              "(built-in prompts) so the lock can apply conditionally at run time.")] = True,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -533,7 +560,8 @@ def calibrate_command(
     budget: Annotated[float, typer.Option("--budget", help="Allowed rise in benign refusal rate over the reference.")] = 0.05,
     n: Annotated[int, typer.Option("--n", help="Prompts of each kind (extract splits).")] = 24,
     judge: Annotated[str, typer.Option("--judge")] = "keyword",
-    conditional: Annotated[bool, typer.Option("--conditional", help="Calibrate the probe-gated runtime lock.")] = False,
+    conditional: Annotated[Optional[bool], typer.Option("--conditional/--baked", help="Calibrate the probe-gated "
+                                                        "runtime lock (the default for a lock with a probe) or the baked one.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the calibrated lock here instead of in place.")] = None,
     dtype: DtypeOpt = "auto",
@@ -553,8 +581,9 @@ def calibrate_command(
     ref = load_model(reference, dtype=dtype) if reference is not None else None
     m, tok = load_model(model, adapter=adapter, dtype=dtype)
     lk.validate(m)
+    mode = lock_mode(conditional, lock)
     result = calibrate(m, tok, lk, alphas=grid, target=target, budget=budget, reference=ref, n=n, judge=judge,
-                       conditional=conditional, max_new_tokens=max_new_tokens)
+                       conditional=mode == "conditional", max_new_tokens=max_new_tokens)
     for p in result.points:
         console.print(f"alpha {p.alpha:5.2f}  harmful {p.harmful_rate:.2f}  benign refusals {p.benign_refusal_rate:.2f}"
                       f"  distinct {p.distinct_replies:.2f}", markup=False, highlight=False)
@@ -563,7 +592,7 @@ def calibrate_command(
                               f"({result.reference_benign_refusal_rate:.2f}); try smaller alphas or a larger --budget")
     lk = lk.with_alpha(result.chosen)
     lk.metadata["calibration"] = {**result.to_dict(), "model": model, "adapter": str(adapter) if adapter else None,
-                                  "reference": reference}
+                                  "reference": reference, "lock_mode": mode}
     lk.save(out or lock)
     console.print(json.dumps({"chosen_alpha": result.chosen, "lock": str(out or lock)}), markup=False, highlight=False)
 

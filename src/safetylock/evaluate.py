@@ -284,6 +284,7 @@ def summarise(records: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict
         "kind": kind,
         "n": n,
         **{k: config.get(k) for k in ("model", "adapter", "lock", "alpha", "split", "prompts_file")},
+        **({"lock_mode": config["lock_mode"]} if config.get("lock_mode") else {}),
         "judge": (config.get("judge") or {}).get("name") if config.get("judge") else None,
         "judge_settings": config.get("judge"),
         "decoding": {**config["decoding"], "batch_size": config.get("batch_size")},
@@ -425,7 +426,8 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
              prompts_file: Path | None = None, column: str | None = None, kind: str = "harmful",
              split: str | None = "eval", judge: str = "keyword", limit: int | None = None,
              max_new_tokens: int | None = None, system: str | None = None, batch_size: int = 8,
-             reference: str | None = None, overwrite: bool = False, dtype: str = "auto") -> dict[str, Any]:
+             reference: str | None = None, overwrite: bool = False, dtype: str = "auto",
+             lock_mode: str | None = None) -> dict[str, Any]:
     """Return the summary of `safetylock eval`: resolve prompts and judge first (cheap checks), then load and run."""
     from .data import benchmark_kind, harmless_prompts, load_benchmark, load_prompts
     from .judges import get_judge
@@ -448,6 +450,8 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
     config = {"model": model, "adapter": str(adapter) if adapter else None, "lock": str(lock) if lock else None,
               "alpha": alpha, "benchmark": benchmark, "prompts_file": str(prompts_file) if prompts_file else None,
               "split": split, "extract_overlap": extract_overlap(prompts) if split == "eval" else None}
+    if lock is not None:
+        config["lock_mode"] = lock_mode or "baked"
     m, tok = loader(model, adapter, lock, alpha, dtype)
     summary = evaluate(m, tok, prompts, the_judge, outdir, kind=kind, config=config, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, system=system, overwrite=overwrite, progress=True)
