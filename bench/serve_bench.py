@@ -125,7 +125,7 @@ def main() -> None:
     lock = args.lock or bench_lock(args.model)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server_cmd = [*SAFETYLOCK, "serve", "-m", args.model, "--lock", str(lock), "--port", str(port),
+    server_cmd = [*SAFETYLOCK, "serve", "-m", args.model, "--lock", str(lock), "--baked", "--port", str(port),
                   "--max-batch", str(args.concurrency)]
     server = subprocess.Popen(server_cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, text=True)
     try:
