@@ -172,7 +172,7 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(SafetylockError, match="not a safetylock lock"):
+    with pytest.raises(SafetylockError, match="not a lock file"):
         Lock.load(tmp_path / "other.safetensors")
 
 

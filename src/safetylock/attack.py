@@ -234,19 +234,13 @@ def load_examples(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise SafetylockError(f"data file {path} does not exist; pass a JSONL file with prompt/response lines")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise SafetylockError(f"{path} is not UTF-8 text; save it as UTF-8 JSONL") from None
+    from .data import jsonl_objects
+
     out: list[Example] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SafetylockError(f"{path.name} line {n} is not valid JSON ({exc.msg}); fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise SafetylockError(f"{path.name} line {n} is not a JSON object; write one {{\"prompt\", \"response\"}} object a line")
+    for n, row in jsonl_objects(path, raw):
         for key in ("prompt", "response"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise SafetylockError(f"{path.name} line {n}: '{key}' is missing, empty or not a string")

@@ -40,7 +40,7 @@ from torch import nn
 
 from .arch import decoder_layers, unwrap
 from .errors import SafetylockError
-from .files import atomic_file, sha256_file, sha256_text, write_json
+from .files import read_tagged_safetensors, sha256_file, sha256_text, write_json, write_tagged_safetensors
 from .lock import DEFAULT_ALPHA, SHAPE_KEYS, Lock, Pair, extract, split_pairs
 
 DEFENSES = ("none", "safetylock", "safetylock-conditional", "iti", "refusal-direction", "self-reminder", "safety-sft")
@@ -266,37 +266,17 @@ class RefusalDirection:
 
     def save(self, path: str | Path) -> Path:
         """Write the direction as safetensors with its metadata as JSON in the header, atomically."""
-        from safetensors.torch import save
-
         meta = {"format": DIRECTION_FORMAT, "format_version": DIRECTION_VERSION, **self.metadata, "layer": self.layer}
         tensors = {"direction": self.direction.contiguous(), "directions": self.directions.contiguous(),
                    "separation": self.separation.contiguous()}
-        blob = save(tensors, metadata={"safetylock": json.dumps(meta, sort_keys=True)})
-        path = Path(path)
-        with atomic_file(path, "wb") as handle:
-            handle.write(blob)
-        return path
+        return write_tagged_safetensors(Path(path), tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> RefusalDirection:
         """Read a file written by `save`; refuse anything else with a one-line reason."""
-        from safetensors import safe_open
-
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise SafetylockError(f"refusal-direction file {path} does not exist; fit one with fit_refusal_direction")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as exc:
-            raise SafetylockError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
-        try:
-            meta = json.loads(header.get("safetylock", ""))
-        except ValueError:
-            raise SafetylockError(f"{path} is a safetensors file but not a refusal direction (no metadata)") from None
-        if not isinstance(meta, dict) or meta.get("format") != DIRECTION_FORMAT:
-            raise SafetylockError(f"{path} is not a refusal-direction file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        tensors, meta = read_tagged_safetensors(path, DIRECTION_FORMAT, "refusal-direction file",
+                                                "fit one with fit_refusal_direction")
         if meta.get("format_version") != DIRECTION_VERSION:
             raise SafetylockError(f"{path} has refusal-direction format version {meta.get('format_version')}; "
                                   f"this safetylock reads version {DIRECTION_VERSION}")

@@ -278,6 +278,22 @@ def _jsonl_field(path: Path, n: int, line: str, col: str) -> str:
     return value.strip()
 
 
+def jsonl_objects(path: Path, raw: str) -> list[tuple[int, dict[str, Any]]]:
+    """Return (line number, object) for each non-blank line of JSONL text `raw` read from `path` (one-line errors)."""
+    rows = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SafetylockError(f"{path.name} line {n} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise SafetylockError(f"{path.name} line {n} is not a JSON object; write one object per line")
+        rows.append((n, row))
+    return rows
+
+
 def read_table(path: Path, raw: str | None = None) -> list[dict[str, Any]]:
     """Return the rows of a .jsonl or .csv file as dicts (one-line errors on malformed input)."""
     path = Path(path)
@@ -286,18 +302,7 @@ def read_table(path: Path, raw: str | None = None) -> list[dict[str, Any]]:
             raise SafetylockError(f"{path} does not exist; check the path")
         raw = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".jsonl":
-        rows = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SafetylockError(f"{path.name} line {n} is not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise SafetylockError(f"{path.name} line {n} is not a JSON object; write one object per line")
-            rows.append(row)
-        return rows
+        return [row for _, row in jsonl_objects(path, raw)]
     if path.suffix.lower() == ".csv":
         try:
             return list(csv.DictReader(raw.splitlines()))

@@ -75,3 +75,43 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def sha256_text(*parts: str) -> str:
     """Return the hex sha256 of strings joined by NUL (a stable content hash)."""
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
+
+
+def write_tagged_safetensors(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write `tensors` as safetensors with `meta` as JSON under the "safetylock" header key, atomically."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata={"safetylock": json.dumps(meta, sort_keys=True)})
+    path = Path(path)
+    with atomic_file(path, "wb") as handle:
+        handle.write(blob)
+    return path
+
+
+def read_tagged_safetensors(path: Path, fmt: str, what: str, missing_hint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (tensors, metadata) of a file `write_tagged_safetensors` wrote with metadata format `fmt`.
+
+    Anything else (missing, unreadable, untagged, another format) is refused with a one-line reason naming
+    `what` the file should be; `missing_hint` says how to make one. Never unpickles anything.
+    """
+    from safetensors import safe_open
+
+    from .errors import SafetylockError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SafetylockError(f"{what} {path} does not exist; {missing_hint}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as exc:
+        raise SafetylockError(f"{path} is not a readable safetensors {what} ({type(exc).__name__}); {missing_hint}") from None
+    try:
+        meta = json.loads(header.get("safetylock", ""))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise SafetylockError(f"{path} is a safetensors file but not a {what} (format {found!r}); {missing_hint}")
+    return tensors, meta

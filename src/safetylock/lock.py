@@ -34,7 +34,7 @@ from torch import nn
 
 from .arch import HeadGeometry, decoder_layers, decoder_model, head_geometry, o_proj, unwrap
 from .errors import SafetylockError
-from .files import atomic_dir, atomic_file, sha256_text
+from .files import atomic_dir, atomic_file, read_tagged_safetensors, sha256_text, write_tagged_safetensors
 
 FORMAT = "safetylock.lock"
 FORMAT_VERSION = 1
@@ -411,37 +411,17 @@ class Lock:
 
     def save(self, path: str | Path) -> Path:
         """Write the lock as safetensors with its metadata as JSON in the header, atomically; return the path."""
-        from safetensors.torch import save
-
         path = Path(path)
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in self._TENSORS
                    if getattr(self, name) is not None}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.metadata}
-        blob = save(tensors, metadata={"safetylock": json.dumps(meta, sort_keys=True)})
-        with atomic_file(path, "wb") as handle:
-            handle.write(blob)
-        return path
+        return write_tagged_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Lock:
         """Read a lock file written by `save`; refuse anything else with a one-line reason."""
-        from safetensors import safe_open
-
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise SafetylockError(f"lock file {path} does not exist; run `safetylock extract` to make one")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as exc:
-            raise SafetylockError(f"{path} is not a readable safetensors lock file ({type(exc).__name__}); extract it again") from None
-        try:
-            meta = json.loads(header.get("safetylock", ""))
-        except ValueError:
-            raise SafetylockError(f"{path} is a safetensors file but not a safetylock lock (no lock metadata)") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise SafetylockError(f"{path} is a safetensors file but not a safetylock lock (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        tensors, meta = read_tagged_safetensors(path, FORMAT, "lock file", "run `safetylock extract` to make one")
         version = meta.pop("format_version", None)
         meta.pop("format", None)
         if version != FORMAT_VERSION:
