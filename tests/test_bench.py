@@ -119,6 +119,19 @@ def test_cells_run_with_the_attacks_system_prompt_then_the_defenses():
     assert deployment_system("none", None) is None and deployment_system("benign", None) is None
 
 
+def test_an_attacked_models_key_follows_its_training_data(tmp_path, monkeypatch):
+    import safetylock.attack as attack_module
+    from safetylock.bench import _attack_key, _Context
+
+    ctx = _Context(BenchSettings(), tmp_path, False)
+    before = _attack_key(ctx, "m", AttackSpec("harmful-10"))
+    assert before == _attack_key(ctx, "m", AttackSpec("harmful-10"))
+    assert before != _attack_key(ctx, "m", AttackSpec("harmful-10", 3))
+    real = attack_module.attack_data
+    monkeypatch.setattr(attack_module, "attack_data", lambda name, seed=0: real(name, seed)[1:])
+    assert _attack_key(ctx, "m", AttackSpec("harmful-10")) != before
+
+
 def test_bad_grids_are_refused_before_loading(tmp_path):
     def never(spec):
         raise AssertionError("nothing should load")

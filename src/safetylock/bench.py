@@ -277,7 +277,7 @@ def _pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
 def _adapter(ctx: _Context, session: _Session, mid: str, attack: AttackSpec) -> tuple[Path | None, str]:
     """Return (adapter dir or None, attack key), fine-tuning the base if the cache lacks it."""
     s = ctx.settings
-    akey = _key("attack", mid, attack.name, attack.steps, s.seed, s.dtype)
+    akey = _attack_key(ctx, mid, attack)
     if attack.name == "none":
         return None, akey
     where = ctx.path("adapters", akey)
@@ -289,6 +289,18 @@ def _adapter(ctx: _Context, session: _Session, mid: str, attack: AttackSpec) -> 
                  progress=True)
         ctx.record(f"adapter {session.spec} {attack.label}", where / "result.json")
     return where, akey
+
+
+def _attack_key(ctx: _Context, mid: str, attack: AttackSpec) -> str:
+    """Return the key of an attacked model: base identity, attack, strength, seed, dtype, its data and defaults."""
+    s = ctx.settings
+    if attack.name == "none":
+        return _key("attack", mid, "none", s.seed, s.dtype)
+    from .attack import attack_data, data_hash, get_attack
+
+    spec = get_attack(attack.name)
+    return _key("attack", mid, attack.name, attack.steps, s.seed, s.dtype, asdict(spec.defaults), spec.system,
+                data_hash(attack_data(attack.name, s.seed)))
 
 
 def _base_artifact(ctx: _Context, session: _Session, mid: str, defense: str) -> tuple[Path, str]:
@@ -475,7 +487,7 @@ def run_bench(
 def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defense: str, alpha: float | None) -> dict[str, Any]:
     """Return one cell's row, from the cache or computed (with the adapter and artifact it needs)."""
     s = ctx.settings
-    akey = _key("attack", mid, attack.name, attack.steps, s.seed, s.dtype)
+    akey = _attack_key(ctx, mid, attack)
     if defense in FITTED:
         dkey: Any = (defense, _artifact_key(ctx, mid, defense))
     elif defense == "safety-sft":
