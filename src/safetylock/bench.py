@@ -274,12 +274,11 @@ def _pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
     return contrast_pairs(n, seed=seed)
 
 
-def _adapter(ctx: _Context, session: _Session, mid: str, attack: AttackSpec) -> tuple[Path | None, str]:
-    """Return (adapter dir or None, attack key), fine-tuning the base if the cache lacks it."""
+def _adapter(ctx: _Context, session: _Session, attack: AttackSpec, akey: str) -> Path | None:
+    """Return the adapter dir of the attack whose key is `akey` (None for "none"), fine-tuning if the cache lacks it."""
     s = ctx.settings
-    akey = _attack_key(ctx, mid, attack)
     if attack.name == "none":
-        return None, akey
+        return None
     where = ctx.path("adapters", akey)
     if ctx.stale(where / "result.json"):
         from .attack import finetune
@@ -288,7 +287,7 @@ def _adapter(ctx: _Context, session: _Session, mid: str, attack: AttackSpec) -> 
         finetune(base, session.tokenizer, attack.name, where, steps=attack.steps, seed=s.seed, overwrite=ctx.fresh,
                  progress=True)
         ctx.record(f"adapter {session.spec} {attack.label}", where / "result.json")
-    return where, akey
+    return where
 
 
 def _attack_key(ctx: _Context, mid: str, attack: AttackSpec) -> str:
@@ -502,7 +501,7 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
              "alpha": alpha}
     if not ctx.stale(marker):
         return {**json.loads(marker.read_text(encoding="utf-8")), **label, "cached": True}
-    adapter, _ = _adapter(ctx, session, mid, attack)
+    adapter = _adapter(ctx, session, attack, akey)
     artifact: Path | None = None
     if defense in FITTED:
         artifact, _ = _base_artifact(ctx, session, mid, defense)

@@ -46,10 +46,8 @@ def load_for_cli(model: str, adapter: Path | None, lock: Path | None, alpha: flo
     return m, tok
 
 
-def conditional_loader(lock: Path | None):  # type: ignore[no-untyped-def]
+def conditional_loader(lock: Path):  # type: ignore[no-untyped-def]
     """Return a loader like load_for_cli that applies the lock at run time, gated by its harmfulness probe."""
-    if lock is None:
-        raise SafetylockError("--conditional needs --lock LOCK (a lock extracted with a harmfulness probe)")
     from .lock import Lock
 
     lk = Lock.load(lock)
@@ -420,18 +418,15 @@ def finetune_command(
 
 def _read_pairs(path: Path) -> list[tuple[str, str, str]]:
     """Return (prompt, safe, unsafe) triples from a JSONL file with those three fields."""
-    import json
+    from .data import jsonl_objects
 
     if not path.is_file():
         raise SafetylockError(f"pairs file {path} does not exist")
     pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in jsonl_objects(path, path.read_text(encoding="utf-8")):
         try:
-            row = json.loads(line)
             pairs.append((str(row["prompt"]), str(row["safe"]), str(row["unsafe"])))
-        except (ValueError, KeyError, TypeError):
+        except KeyError:
             raise SafetylockError(f"{path}:{n} is not a JSON object with prompt, safe and unsafe fields") from None
     if not pairs:
         raise SafetylockError(f"{path} holds no pairs")

@@ -255,7 +255,7 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[Prompt]:
             raise SafetylockError(f"--column does not apply to {path.name}: a .txt file holds one prompt a line")
         texts = [ln.strip() for ln in raw.splitlines() if ln.strip()]
     elif suffix == ".jsonl":
-        texts = [_jsonl_field(path, n, line, col) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+        texts = [_jsonl_field(path, n, row, col) for n, row in jsonl_objects(path, raw)]
     elif suffix == ".csv":
         texts = _csv_column(path, raw, col)
     else:
@@ -265,12 +265,8 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[Prompt]:
     return [Prompt(f"{path.stem}-{i:05d}", t, benchmark=None) for i, t in enumerate(texts)]
 
 
-def _jsonl_field(path: Path, n: int, line: str, col: str) -> str:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise SafetylockError(f"{path.name} line {n} is not valid JSON ({exc.msg}); fix or remove that line") from None
-    if not isinstance(row, dict) or col not in row:
+def _jsonl_field(path: Path, n: int, row: dict[str, Any], col: str) -> str:
+    if col not in row:
         raise SafetylockError(f"{path.name} line {n} has no '{col}' field; add it or pass --column NAME")
     value = row[col]
     if not isinstance(value, str) or not value.strip():
