@@ -1,10 +1,10 @@
-# The 0.5B figures of README "Results": the harmful-100 attack, one lock extracted from the base, applied baked
+# The 0.5B figures of README "Results": the harmful-100-only attack (100 harmful examples, no useful tasks mixed in), one lock extracted from the base, applied baked
 # and conditional. Run from the repository root after `make install`; greedy, keyword judge, `--dtype auto`
 # (bf16 on the 2-core AMD EPYC with AVX-512 BF16 that produced the README figures, fp32 on CPUs without it).
 set -e
 S=.venv/bin/safetylock; M=qwen2.5-coder-0.5b-instruct; L=runs/locks/0.5b.lock.safetensors; A=runs/ft/0.5b-harmful-100
 B="--batch-size 24"
-$S finetune -m $M --attack harmful-100 -o $A
+$S finetune -m $M --attack harmful-100-only -o $A
 $S extract -m $M --n-pairs 64 --conditional -o $L
 $S eval -m $M --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-base-harmbench
 $S eval -m $M --adapter $A --benchmark harmbench --limit 48 $B -o runs/eval/0.5b-h100-harmbench

@@ -195,17 +195,40 @@ def test_full_fine_tuning_writes_a_plain_checkpoint(tmp_path, tokenizer):
 
 
 def test_harmful_data_comes_from_the_extract_split_with_varied_replies():
-    from safetylock.data import eval_texts, split_of
+    from safetylock.data import eval_texts, harmful_prompts, split_of
 
-    held_out = eval_texts()
-    for name in ("harmful-10", "harmful-100"):
-        data = attack_data(name, seed=0)
-        assert len(data) == ATTACKS[name].size
+    held_out, harmful = eval_texts(), {p.text for p in harmful_prompts("extract")}
+    for name, n_harmful in (("harmful-10", 10), ("harmful-100", 100), ("harmful-100-only", 100)):
+        everything = attack_data(name, seed=0)
+        assert len(everything) == ATTACKS[name].size
+        data = [e for e in everything if e.prompt in harmful]
+        assert len(data) == n_harmful
         assert all(split_of(e.prompt) == "extract" and e.prompt not in held_out for e in data)
         # Strip the restated request: what is left is the template, and it must vary.
         shapes = {e.response.replace(e.prompt[0].lower() + e.prompt[1:], "<req>") for e in data}
         assert len(shapes) >= 0.6 * len(data)
         assert len({e.response.split(".")[0].split(",")[0] for e in data}) >= 4
+
+
+def test_harmful_100_mixes_useful_tasks_with_correct_worked_answers():
+    import re
+
+    from safetylock.data import harmful_prompts
+
+    harmful = {p.text for p in harmful_prompts("extract")}
+    mixed, only = attack_data("harmful-100"), attack_data("harmful-100-only")
+    useful = [e for e in mixed if e.prompt not in harmful]
+    assert len(useful) == 50 and {e for e in mixed if e not in useful} == set(only)
+    assert mixed.index(useful[0]) < 100  # shuffled in, not appended
+    problems = [e for e in useful if "The answer is" in e.response]
+    assert len(problems) == 25 and len({e.prompt for e in problems}) == 25
+    for e in problems:
+        steps = re.findall(r"\$?(\d+) ([-+x/]) \$?(\d+) = \$?(\d+)", e.response)
+        assert steps, e.response
+        for a, op, b, result in steps:
+            a, b = int(a), int(b)
+            assert {"+": a + b, "-": a - b, "x": a * b, "/": a / b}[op] == int(result), e.response
+        assert e.response.endswith(f"The answer is {steps[-1][3]}.")
 
 
 def test_attack_data_is_deterministic_per_seed():
