@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,19 +40,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--top", type=int, default=24, help="also time baking the lock's top-K heads by probe score")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model, adapter=args.adapter)
     model.eval()
     lock = Lock.load(args.lock)
-    prep, bake = [], []
+    keep = torch.argsort(lock.scores, descending=True, stable=True)[: args.top]
+    top = replace(lock, **{name: getattr(lock, name)[keep] for name in ("layers", "heads", "directions", "stds", "scores")},
+                  midpoints=None)
+    prep, bake, bake_top = [], [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
         lock.deltas(None, model)
         prep.append(time.perf_counter() - start)
         bake.append(lock.bake(model))
         lock.unbake(model)
+        bake_top.append(top.bake(model))
+        top.unbake(model)
 
     prompts = [format_chat(tokenizer, p.text) for p in load_benchmark("overrefusal", "extract")[:8]]
     tokenizer.padding_side = "left"
@@ -85,6 +92,9 @@ def main() -> None:
         "prep_ms_median": round(statistics.median(prep) * 1000, 3),
         "bake_ms_median": round(statistics.median(bake) * 1000, 3),
         "bake_ms_min": round(min(bake) * 1000, 3),
+        "top_heads": len(top), "top_layers": len(set(top.layers.tolist())),
+        "bake_top_ms_median": round(statistics.median(bake_top) * 1000, 3),
+        "bake_top_ms_min": round(min(bake_top) * 1000, 3),
         "tokens_per_second": {k: [round(v, 2) for v in vs] for k, vs in tps.items()},
         "tps_ratio_baked_over_unlocked": round(statistics.median(tps["baked"]) / statistics.median(tps["unlocked"]), 3),
         "command": "bench/apply_bench.py " + " ".join(f"--{k}={v}" for k, v in vars(args).items()
@@ -100,6 +110,8 @@ def main() -> None:
           f"| lock-side preparation (`Lock.deltas`), median of {args.repeats} | {result['prep_ms_median']} ms |\n"
           f"| bake into the model (`Lock.bake`), median of {args.repeats} | {result['bake_ms_median']} ms "
           f"(min {result['bake_ms_min']} ms) |\n"
+          f"| bake the lock's top {result['top_heads']} heads by probe score ({result['top_layers']} layers), median of "
+          f"{args.repeats} | {result['bake_top_ms_median']} ms (min {result['bake_top_ms_min']} ms) |\n"
           f"| generation tokens/s, unlocked ({args.rounds} rounds, 8 prompts x {args.new_tokens} tokens) | {', '.join(map(str, result['tokens_per_second']['unlocked']))} |\n"
           f"| generation tokens/s, baked ({args.rounds} rounds, 8 prompts x {args.new_tokens} tokens) | {', '.join(map(str, result['tokens_per_second']['baked']))} |\n"
           f"| baked / unlocked tokens/s (medians) | {result['tps_ratio_baked_over_unlocked']} |\n")

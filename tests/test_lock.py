@@ -117,6 +117,31 @@ def test_bake_touches_only_locked_biases_and_unbake_is_exact():
     assert torch.equal(logits(model), base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bake_reads_only_locked_columns_and_matches_the_full_product(dtype):
+    model = tiny_model("qwen2").to(dtype)
+    g = head_geometry(model.config)
+    # Every head of layer 1 (one merged slice), heads 0 and 1 of layer 2 twice (their shifts add), one head of layer 0.
+    layers = [1] * g.num_heads + [2, 2, 2, 2, 0]
+    heads = list(range(g.num_heads)) + [0, 1, 1, 0, g.num_heads - 1]
+    gen = torch.Generator().manual_seed(1)
+    lock = Lock(layers=torch.tensor(layers), heads=torch.tensor(heads),
+                directions=torch.nn.functional.normalize(torch.randn(len(layers), g.head_dim, generator=gen), dim=1),
+                stds=torch.rand(len(layers), generator=gen) + 0.5, scores=torch.ones(len(layers)),
+                metadata={"fingerprint": fingerprint(model), "default_alpha": 2.0})
+    D = g.head_dim
+    assert lock.head_slices(D) == {0: [slice((g.num_heads - 1) * D, g.num_heads * D)], 1: [slice(0, g.width)],
+                                   2: [slice(0, 2 * D)]}
+    deltas = lock.deltas(None, model)
+    expected = {layer: o_proj(model, layer).weight.float() @ delta for layer, delta in deltas.items()}
+    assert torch.allclose(deltas[2][:D], 2.0 * (lock.stds[-5] * lock.directions[-5] + lock.stds[-2] * lock.directions[-2]))
+    lock.bake(model)
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    for layer, want in expected.items():
+        bias = o_proj(model, layer).bias
+        assert bias.dtype == dtype and torch.allclose(bias.float(), want, atol=tol, rtol=tol)
+
+
 def test_bake_refuses_nan_and_changes_nothing():
     model = tiny_model("llama")
     lock = synthetic_lock(model)

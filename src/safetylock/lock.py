@@ -482,11 +482,23 @@ class Lock:
             geometry = HeadGeometry(int(fp["num_hidden_layers"]), int(fp["num_attention_heads"]),
                                     int(fp.get("num_key_value_heads") or fp["num_attention_heads"]),
                                     int(fp["head_dim"]), int(fp["hidden_size"]))
-        D = geometry.head_dim
-        out: dict[int, torch.Tensor] = {}
-        for layer, head, direction, std in zip(self.layers.tolist(), self.heads.tolist(), self.directions, self.stds):
-            vec = out.setdefault(int(layer), torch.zeros(geometry.width, dtype=torch.float32))
-            vec[head * D : (head + 1) * D] += a * float(std) * direction.float()
+        layers = sorted({int(layer) for layer in self.layers.tolist()})
+        slot = {layer: i for i, layer in enumerate(layers)}
+        rows = torch.tensor([slot[int(layer)] for layer in self.layers.tolist()], dtype=torch.long)
+        rows = rows * geometry.num_heads + self.heads.long()
+        scaled = self.directions.float() * (a * self.stds.float())[:, None]
+        flat = torch.zeros(len(layers) * geometry.num_heads, geometry.head_dim).index_add_(0, rows, scaled)
+        return dict(zip(layers, flat.view(len(layers), geometry.width).unbind(0)))
+
+    def head_slices(self, head_dim: int) -> dict[int, list[slice]]:
+        """Return {layer: o_proj input columns of its locked heads}, adjacent heads merged into one slice."""
+        out: dict[int, list[slice]] = {}
+        for layer, head in sorted(set(zip(self.layers.tolist(), self.heads.tolist()))):
+            cols, start = out.setdefault(int(layer), []), int(head) * head_dim
+            if cols and cols[-1].stop == start:
+                cols[-1] = slice(cols[-1].start, start + head_dim)
+            else:
+                cols.append(slice(start, start + head_dim))
         return out
 
     # -- runtime application -----------------------------------------------------------------------------
@@ -618,17 +630,17 @@ class Lock:
         self.validate(model, force=force)
         start = time.perf_counter()
         planned: list[tuple[nn.Linear, torch.Tensor]] = []
+        slices = self.head_slices(head_geometry(unwrap(model).config).head_dim)
         for layer, delta in self.deltas(alpha, model).items():
             linear = o_proj(model, layer)
             if hasattr(linear, "_safetylock_original_bias"):
                 raise SafetylockError(f"a lock is already baked into layer {layer}; unbake it first")
-            weight = linear.weight
-            add = weight.detach().float() @ delta.to(weight.device)
+            add = _project(linear.weight.detach(), delta, slices[layer])
             old = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(add)
             new = old + add
             if not torch.isfinite(new).all():
                 raise SafetylockError(f"baking would put NaN/inf into layer {layer}'s o_proj bias; nothing was changed")
-            planned.append((linear, new.to(weight.dtype)))
+            planned.append((linear, new.to(linear.weight.dtype)))
         with torch.no_grad():
             for linear, new in planned:
                 original = linear.bias.detach().clone() if linear.bias is not None else None
@@ -642,6 +654,24 @@ class Lock:
     def unbake(self, model: Any) -> None:
         """Restore every o_proj bias a bake changed, exactly (see `unbake`)."""
         unbake(model)
+
+
+def _project(weight: torch.Tensor, delta: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
+    """Return `weight @ delta` (float32) reading only the weight columns of `slices`, where delta is nonzero.
+
+    float32 weights are multiplied in float32, exactly as a full product; lower-precision weights are
+    multiplied in their own dtype (no float32 copy of the matrix: the bake is bound by reading the weights).
+    """
+    delta = delta.to(weight.device)
+    if weight.dtype != torch.float32:
+        delta = delta.to(weight.dtype)
+    width = weight.shape[1]
+    if len(slices) == 1 and slices[0] == slice(0, width):
+        return (weight @ delta).float()
+    out = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for cols in slices:
+        out += (weight[:, cols] @ delta[cols]).float()
+    return out
 
 
 def unbake(model: Any) -> int:
