@@ -220,7 +220,7 @@ def test_harmful_100_mixes_useful_tasks_with_correct_worked_answers():
     useful = [e for e in mixed if e.prompt not in harmful]
     assert len(useful) == 50 and {e for e in mixed if e not in useful} == set(only)
     assert mixed.index(useful[0]) < 100  # shuffled in, not appended
-    problems = [e for e in useful if "The answer is" in e.response]
+    problems = [e for e in useful if "the answer is" in e.response]
     assert len(problems) == 25 and len({e.prompt for e in problems}) == 25
     for e in problems:
         steps = re.findall(r"\$?(\d+) ([-+x/]) \$?(\d+) = \$?(\d+)", e.response)
@@ -228,7 +228,7 @@ def test_harmful_100_mixes_useful_tasks_with_correct_worked_answers():
         for a, op, b, result in steps:
             a, b = int(a), int(b)
             assert {"+": a + b, "-": a - b, "x": a * b, "/": a / b}[op] == int(result), e.response
-        assert e.response.endswith(f"The answer is {steps[-1][3]}.")
+        assert e.response.endswith(f"\n\nSo the answer is {steps[-1][3]}.") and "\n1. " in e.response
 
 
 def test_attack_data_is_deterministic_per_seed():
