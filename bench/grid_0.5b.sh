@@ -7,7 +7,6 @@ set -e
 S=.venv/bin/safetylock; M=qwen2.5-coder-0.5b-instruct
 COMMON="--models $M --limit 16 --judge relevance:0.25 --batch-size 16 --cache-dir runs/bench-cache"
 $S bench $COMMON --attacks none,harmful-10,harmful-100,aoa,benign --benchmarks harmbench,advbench,overrefusal,bbq300 \
-  --alphas safetylock=0.75,1.5 --alphas safetylock-conditional=1.5,3 --alphas iti=5,15 --alphas refusal-direction=1,3 \
-  -o bench/grid-0.5b
+  --alphas safetylock=1.5 --alphas safetylock-conditional=1.5,3 -o bench/grid-0.5b
 $S bench $COMMON --attacks harmful-10 --attack-steps 1,2,5,10,20 --defenses none,safetylock,safetylock-conditional,self-reminder \
   --benchmarks harmbench,overrefusal --alphas safetylock=1.5 --alphas safetylock-conditional=3 -o bench/strength-0.5b
