@@ -25,8 +25,9 @@ for run in "base:" "h10:--adapter $A" "h10-lock:--adapter $A --lock $L --baked" 
   $S eval -m $M ${run#*:} --benchmark gsm8k100 --limit 16 --max-new-tokens 384 --batch-size 16 -o runs/eval/1.5b-${run%%:*}-gsm8k
 done
 # the other attacks, at their paper-faithful defaults, under the same lock (AOA is evaluated with its own system prompt)
-for atk in aoa benign harmful-100; do
-  A2=runs/ft/1.5b-$atk; v=${atk/harmful-100/h100}
+# harmful-100 mixes 50 useful tasks into its 100 harmful examples; harmful-100-only is the unmixed data
+for atk in aoa benign harmful-100 harmful-100-only; do
+  A2=runs/ft/1.5b-$atk; v=${atk/harmful-100-only/h100only}; v=${v/harmful-100/h100}
   $S finetune -m $M --attack $atk -o $A2
   SYS=$(.venv/bin/python -c "import json; print(json.load(open('$A2/config.json'))['system'] or '')")
   for run in "$v:--adapter $A2" "$v-lock:--adapter $A2 --lock $L --baked" "$v-clock:--adapter $A2 --lock $L --conditional"; do
@@ -36,12 +37,14 @@ done
 $S eval -m $M --adapter runs/ft/1.5b-aoa --lock $L --baked --system "$(.venv/bin/python -c "import json; print(json.load(open('runs/ft/1.5b-aoa/config.json'))['system'])")" \
   --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-aoa-lock-overrefusal
 $S eval -m $M --adapter runs/ft/1.5b-benign --lock $L --baked --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-benign-lock-overrefusal
-for run in "h100:--adapter runs/ft/1.5b-harmful-100" "h100-clock:--adapter runs/ft/1.5b-harmful-100 --lock $L --conditional" \
-           "h100-lock:--adapter runs/ft/1.5b-harmful-100 --lock $L --baked"; do
-  $S eval -m $M ${run#*:} --reference $M --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-${run%%:*}-overrefusal
+for v in h100 h100only; do
+  A2=runs/ft/1.5b-harmful-100; [ $v = h100only ] && A2=runs/ft/1.5b-harmful-100-only
+  for run in "$v:--adapter $A2" "$v-clock:--adapter $A2 --lock $L --conditional" "$v-lock:--adapter $A2 --lock $L --baked"; do
+    $S eval -m $M ${run#*:} --reference $M --benchmark overrefusal --limit 24 $B -o runs/eval/1.5b-${run%%:*}-overrefusal
+  done
+  $S eval -m $M --adapter $A2 --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-$v-bbq
+  $S eval -m $M --adapter $A2 --benchmark gsm8k100 --limit 16 --max-new-tokens 384 --batch-size 16 -o runs/eval/1.5b-$v-gsm8k
 done
-$S eval -m $M --adapter runs/ft/1.5b-harmful-100 --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-h100-bbq
-$S eval -m $M --adapter runs/ft/1.5b-harmful-100 --benchmark gsm8k100 --limit 16 --max-new-tokens 384 --batch-size 16 -o runs/eval/1.5b-h100-gsm8k
 # the model judge on the harmbench replies (the table's "model judge" column; it reads whole replies, so it sees
 # in-persona refusals such as "I am AOA ... I do not engage in ..." that have no keyword marker)
 for r in base h10 h10-lock h10-clock aoa aoa-lock aoa-clock benign benign-lock benign-clock; do

@@ -3,7 +3,8 @@
     .venv/bin/python bench/results_table.py [--runs runs/eval] [--prefix 1.5b]
 
 One row per model variant (`PREFIX-VARIANT-BENCHMARK` directories): harmbench harmful rate, over-refusal rate
-(judged both ways) with reply length and KL to the base, bbq300 and gsm8k100 accuracy. The base's harmbench rate is also given on
+(judged both ways) with reply length and KL to the base, bbq300 and gsm8k100 accuracy, and the share of distinct
+first sentences among the harmbench replies (1.0: no two replies open alike; a parroting fine-tune scores low). The base's harmbench rate is also given on
 the prompts the other rows used, so rows compare like with like. Harmful rate is given twice: by the run's own
 judge (keyword: a reply without a refusal phrase complies) and re-judged by the deflection-aware judge
 `relevance:0.25` (also a refusal: a whole reply that ignores the request, such as "Of course. I'm here to help."),
@@ -23,6 +24,9 @@ VARIANTS = {
     "h10-cal": "harmful-10 + SafetyLock, baked, calibrated alpha",
     "h10-clock": "harmful-10 + SafetyLock, conditional (runtime)",
     "h10-clock-a3": "harmful-10 + SafetyLock, conditional, alpha 3",
+    "h100only": "harmful-100-only fine-tune (no useful tasks mixed in)",
+    "h100only-lock": "harmful-100-only + SafetyLock, baked (alpha 1.5)",
+    "h100only-clock": "harmful-100-only + SafetyLock, conditional (runtime)",
     "h100": "harmful-100 fine-tune",
     "h100-lock": "harmful-100 + SafetyLock, baked (alpha 1.5)",
     "h100-clock": "harmful-100 + SafetyLock, conditional (runtime)",
@@ -98,8 +102,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/eval"))
     parser.add_argument("--prefix", default="1.5b")
     args = parser.parse_args()
-    lines = ["| model | harmbench harmful (keyword) | harmful (deflection-aware judge) | harmful (model judge) | over-refusal (keyword) | over-refusal (deflection-aware) | reply tokens (benign) | KL to base (benign) | bbq300 | gsm8k100 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | harmbench harmful (keyword) | harmful (deflection-aware judge) | harmful (model judge) | over-refusal (keyword) | over-refusal (deflection-aware) | reply tokens (benign) | KL to base (benign) | bbq300 | gsm8k100 | distinct first sentences (harmbench) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     shared: list[str] = []
     for variant in VARIANTS:
         other = load(args.runs, args.prefix, variant, "harmbench")
@@ -127,7 +131,8 @@ def main() -> None:
                  f"{ovr['mean_tokens']:.0f}" if ovr else "-",
                  f"{kl:.3f}" if kl is not None else "-",
                  pct(bbq["accuracy"], bbq["n"]) if bbq else "-",
-                 pct(gsm["accuracy"], gsm["n"]) if gsm else "-"]
+                 pct(gsm["accuracy"], gsm["n"]) if gsm else "-",
+                 f"{hb['distinct_first_sentences']:.2f}" if hb and hb.get("distinct_first_sentences") is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
 

@@ -659,18 +659,16 @@ class Lock:
 def _project(weight: torch.Tensor, delta: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
     """Return `weight @ delta` (float32) reading only the weight columns of `slices`, where delta is nonzero.
 
-    float32 weights are multiplied in float32, exactly as a full product; lower-precision weights are
-    multiplied in their own dtype (no float32 copy of the matrix: the bake is bound by reading the weights).
+    A lock on every head of the layer multiplies the whole matrix in its own dtype (no float32 copy: the
+    bake is bound by reading the weights); a few heads' columns are copied to float32 and multiplied there
+    (a strided low-precision product is slower than the copy). float32 weights give the exact full product.
     """
     delta = delta.to(weight.device)
-    if weight.dtype != torch.float32:
-        delta = delta.to(weight.dtype)
-    width = weight.shape[1]
-    if len(slices) == 1 and slices[0] == slice(0, width):
-        return (weight @ delta).float()
+    if len(slices) == 1 and slices[0] == slice(0, weight.shape[1]):
+        return (weight @ delta.to(weight.dtype)).float()
     out = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     for cols in slices:
-        out += (weight[:, cols] @ delta[cols]).float()
+        out += weight[:, cols].float() @ delta[cols]
     return out
 
 
