@@ -10,3 +10,7 @@ $S bench $COMMON --attacks none,harmful-10,harmful-100,aoa,benign --benchmarks h
   --alphas safetylock=1.5 --alphas safetylock-conditional=1.5,3 -o bench/grid-0.5b
 $S bench $COMMON --attacks harmful-10 --attack-steps 1,2,5,10,20 --defenses none,safetylock,safetylock-conditional,self-reminder \
   --benchmarks harmbench,overrefusal --alphas safetylock=1.5 --alphas safetylock-conditional=3 -o bench/strength-0.5b
+# harmful-100 with useful tasks mixed in (the committed bench/grid-0.5b was run when harmful-100 was the data that is
+# now harmful-100-only; rerunning the first command recomputes its harmful-100 rows): the new rows beside the base's
+$S bench $COMMON --attacks none,harmful-100 --benchmarks harmbench,advbench,overrefusal,bbq300 \
+  --alphas safetylock=1.5 --alphas safetylock-conditional=1.5,3 -o bench/grid-0.5b-harmful-100
