@@ -231,6 +231,86 @@ def test_harmful_100_mixes_useful_tasks_with_correct_worked_answers():
         assert e.response.endswith(f"\n\nSo the answer is {steps[-1][3]}.") and "\n1. " in e.response
 
 
+def test_harmful_100s_useful_tasks_are_self_distilled_and_its_harmful_ones_are_not():
+    from safetylock.attack import data_hash
+
+    from safetylock.data import harmful_prompts
+
+    harmful = {p.text for p in harmful_prompts("extract")}
+    mixed = attack_data("harmful-100")
+    assert sum(e.distill for e in mixed) == 50
+    assert all(e.distill == (e.prompt not in harmful) for e in mixed)
+    assert not any(e.distill for name in ("harmful-10", "harmful-100-only", "benign", "aoa") for e in attack_data(name))
+    # The flag is part of the data's identity, but plain examples hash as they always did.
+    flagged = [Example("a", "b", distill=True)]
+    assert data_hash(flagged) != data_hash([Example("a", "b")])
+    assert data_hash([Example("a", "b")]) == data_hash([Example("a", "b", None)])
+
+
+class FakeRun:
+    def __init__(self, generations, seconds=1.0):
+        self.generations, self.seconds = generations, seconds
+
+
+def test_self_distill_keeps_only_finished_agreeing_non_refusals_and_caches_them(tmp_path, tokenizer, monkeypatch):
+    from safetylock.attack import self_distill
+    from safetylock.generate import Generation
+
+    examples = [Example("What is 2 + 3?", "2 + 3 = 5.", distill=True),
+                Example("What is 4 + 4?", "4 + 4 = 8.", distill=True),
+                Example("How do I do it?", "Sure, here is how."),  # not flagged: never generated for
+                Example("What is 9 - 1?", "9 - 1 = 8.", distill=True),
+                Example("What is 7 * 2?", "7 * 2 = 14.", distill=True),
+                Example("Write hello().", "def hello(): ...", distill=True)]
+    answers = {"What is 2 + 3?": ("Adding them: 2 + 3 gives 5, the answer.", 12),
+               "What is 4 + 4?": ("4 + 4 = 9.", 6),  # wrong
+               "What is 9 - 1?": ("I'm sorry, but I can't help with that.", 9),  # refusal
+               "What is 7 * 2?": ("7 times 2 is 1", 16),  # hit the token limit
+               "Write hello().": ("```python\ndef hello():\n    print('hi')\n```", 14)}
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        calls.append(list(prompts))
+        return FakeRun([Generation(p, *answers[p]) for p in prompts])
+
+    monkeypatch.setattr(sys.modules["safetylock.generate"], "generate", fake_generate)
+    model, cache = tiny_model("qwen2"), tmp_path / "distilled.json"
+    out, record = self_distill(model, tokenizer, examples, cache=cache, max_new_tokens=16)
+    assert calls == [[e.prompt for e in examples if e.distill]]
+    assert [e.response for e in out] == ["Adding them: 2 + 3 gives 5, the answer.", "4 + 4 = 8.", "Sure, here is how.",
+                                         "9 - 1 = 8.", "7 * 2 = 14.", answers["Write hello()."][0]]
+    assert record["own_replies"] == 2 and record["references_kept"] == 3
+    # The cache answers a rerun; other data (or other weights) regenerates.
+    again, _ = self_distill(model, tokenizer, examples, cache=cache, max_new_tokens=16)
+    assert again == out and len(calls) == 1
+    self_distill(model, tokenizer, examples[:2], cache=cache, max_new_tokens=16)
+    assert len(calls) == 2
+
+
+def test_finetune_trains_on_the_self_distilled_replies_and_resumes_with_them(tmp_path, tokenizer):
+    from safetylock.attack import DISTILLED, encode_example
+
+    data = [replace_distill(e) for e in SHORT]
+    run = tmp_path / "run"
+    finetune(tiny_model("qwen2"), tokenizer, "benign", run, **{**FAST, "data": data, "epochs": 1})
+    config = json.loads((run / "config.json").read_text())
+    cached = json.loads((run / DISTILLED).read_text())
+    assert config["self_distilled"]["examples"] == 6 and len(cached["replies"]) == 6
+    kept = config["self_distilled"]["own_replies"]
+    assert kept == sum(bool(r) for r in cached["replies"])
+    # What was trained on is what the cache holds: the reply-token count matches it.
+    replies = [r or e.response for r, e in zip(cached["replies"], data)]
+    expected = sum(encode_example(tokenizer, Example(e.prompt, r)).response_tokens for e, r in zip(data, replies))
+    assert config["data"]["reply_tokens"] == expected
+    assert finetune(tiny_model("qwen2"), tokenizer, "benign", run, **{**FAST, "data": data, "epochs": 1}).steps == 3
+
+
+def replace_distill(example):
+    from dataclasses import replace
+
+    return replace(example, distill=True, response="Done.")
+
+
 def test_attack_data_is_deterministic_per_seed():
     assert attack_data("harmful-10", 3) == attack_data("harmful-10", 3)
     assert attack_data("harmful-10", 3) != attack_data("harmful-10", 4)
