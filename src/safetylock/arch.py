@@ -8,6 +8,7 @@ biases land on the same weights whether or not a LoRA adapter is attached.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,28 +137,39 @@ def base_linear(module: nn.Module) -> nn.Linear:
     return module
 
 
-def o_proj(model: Any, layer: int) -> nn.Linear:
-    """Return the plain `nn.Linear` o_proj of `layer`; its input is the heads side by side.
+def o_projs(model: Any, layers: Sequence[int] | None = None) -> dict[int, nn.Linear]:
+    """Return {layer: plain `nn.Linear` o_proj} for `layers` (all by default); its input is the heads side by side.
 
     With an unmerged LoRA adapter this is the adapter's base layer, so a hook there shifts only the base
-    weights' input, which is exactly what a bias baked into the base computes.
+    weights' input, which is exactly what a bias baked into the base computes. The layout and geometry are
+    resolved once for all layers (baking calls this on its hot path).
     """
-    layers = decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise SafetylockError(f"layer {layer} does not exist; the model has {len(layers)} layers")
-    paths = arch_paths(unwrap(model))
-    attn = getattr(layers[layer], paths.attention, None)
-    proj = getattr(attn, paths.o_proj, None) if attn is not None else None
-    if proj is None:
-        raise SafetylockError(f"layer {layer} has no {paths.attention}.{paths.o_proj}; the transformers layout changed")
-    linear = base_linear(proj)
-    geometry = head_geometry(unwrap(model).config)
-    if linear.in_features != geometry.width:
-        raise SafetylockError(
-            f"o_proj of layer {layer} takes {linear.in_features} inputs, the config says "
-            f"{geometry.num_heads} heads x {geometry.head_dim} = {geometry.width}"
-        )
-    return linear
+    blocks = decoder_layers(model)
+    inner = unwrap(model)
+    paths = arch_paths(inner)
+    width = head_geometry(inner.config).width
+    wanted = range(len(blocks)) if layers is None else layers
+    out: dict[int, nn.Linear] = {}
+    for layer in wanted:
+        if not 0 <= layer < len(blocks):
+            raise SafetylockError(f"layer {layer} does not exist; the model has {len(blocks)} layers")
+        attn = getattr(blocks[layer], paths.attention, None)
+        proj = getattr(attn, paths.o_proj, None) if attn is not None else None
+        if proj is None:
+            raise SafetylockError(f"layer {layer} has no {paths.attention}.{paths.o_proj}; the transformers layout changed")
+        linear = base_linear(proj)
+        if linear.in_features != width:
+            raise SafetylockError(
+                f"o_proj of layer {layer} takes {linear.in_features} inputs, the config says "
+                f"{width} (heads x head_dim)"
+            )
+        out[int(layer)] = linear
+    return out
+
+
+def o_proj(model: Any, layer: int) -> nn.Linear:
+    """Return the plain `nn.Linear` o_proj of `layer` (see `o_projs`)."""
+    return o_projs(model, [layer])[layer]
 
 
 def o_proj_path(model: Any, layer: int) -> str:
