@@ -127,9 +127,18 @@ def test_an_attacked_models_key_follows_its_training_data(tmp_path, monkeypatch)
     before = _attack_key(ctx, "m", AttackSpec("harmful-10"))
     assert before == _attack_key(ctx, "m", AttackSpec("harmful-10"))
     assert before != _attack_key(ctx, "m", AttackSpec("harmful-10", 3))
-    real = attack_module.attack_data
-    monkeypatch.setattr(attack_module, "attack_data", lambda name, seed=0: real(name, seed)[1:])
-    assert _attack_key(ctx, "m", AttackSpec("harmful-10")) != before
+    real, built = attack_module.attack_data, []
+
+    def changed(name, seed=0):
+        built.append(name)
+        return real(name, seed)[1:]
+
+    monkeypatch.setattr(attack_module, "attack_data", changed)
+    # Within a run the data is built once per attack; the next run sees changed data.
+    assert _attack_key(ctx, "m", AttackSpec("harmful-10")) == before and not built
+    fresh = _Context(BenchSettings(), tmp_path, False)
+    assert _attack_key(fresh, "m", AttackSpec("harmful-10")) != before
+    assert _attack_key(fresh, "m", AttackSpec("harmful-10", 5)) != before and built == ["harmful-10"]
 
 
 def test_bad_grids_are_refused_before_loading(tmp_path):

@@ -241,6 +241,7 @@ class _Context:
     fresh: bool
     computed: list[str] = field(default_factory=list)
     done_this_run: set[str] = field(default_factory=set)
+    data_hashes: dict[tuple[str, int], str] = field(default_factory=dict)  # (attack, seed): its data's hash
 
     def path(self, kind: str, key: str, suffix: str = "") -> Path:
         return self.cache / kind / f"{key}{suffix}"
@@ -298,8 +299,11 @@ def _attack_key(ctx: _Context, mid: str, attack: AttackSpec) -> str:
     from .attack import attack_data, data_hash, get_attack
 
     spec = get_attack(attack.name)
+    # Building an attack's data reads benchmark files: once per run and attack, not once per grid cell.
+    if (attack.name, s.seed) not in ctx.data_hashes:
+        ctx.data_hashes[attack.name, s.seed] = data_hash(attack_data(attack.name, s.seed))
     return _key("attack", mid, attack.name, attack.steps, s.seed, s.dtype, asdict(spec.defaults), spec.system,
-                data_hash(attack_data(attack.name, s.seed)))
+                ctx.data_hashes[attack.name, s.seed])
 
 
 def _base_artifact(ctx: _Context, session: _Session, mid: str, defense: str) -> tuple[Path, str]:
