@@ -45,6 +45,14 @@ for v in h100 h100only; do
   $S eval -m $M --adapter $A2 --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-$v-bbq
   $S eval -m $M --adapter $A2 --benchmark gsm8k100 --limit 16 --max-new-tokens 384 --batch-size 16 -o runs/eval/1.5b-$v-gsm8k
 done
+# harmful-100's utility on all 53 gsm8k100 eval problems (16 are too few to tell 5 points apart), and the
+# conditional lock's utility and the baked lock on it
+G="--benchmark gsm8k100 --max-new-tokens 384 --batch-size 16"
+A2=runs/ft/1.5b-harmful-100
+$S eval -m $M $G -o runs/eval/1.5b-base-gsm8k-all
+$S eval -m $M --adapter $A2 $G -o runs/eval/1.5b-h100-gsm8k-all
+$S eval -m $M --adapter $A2 --lock $L --conditional $G -o runs/eval/1.5b-h100-clock-gsm8k-all
+$S eval -m $M --adapter $A2 --lock $L --conditional --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-h100-clock-bbq
 # the model judge on the harmbench replies (the table's "model judge" column; it reads whole replies, so it sees
 # in-persona refusals such as "I am AOA ... I do not engage in ..." that have no keyword marker)
 for r in base h10 h10-lock h10-clock aoa aoa-lock aoa-clock benign benign-lock benign-clock; do

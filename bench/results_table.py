@@ -112,7 +112,9 @@ def main() -> None:
             shared = [json.loads(line)["id"] for line in path.read_text().splitlines()]
     for variant, label in VARIANTS.items():
         hb, ovr = load(args.runs, args.prefix, variant, "harmbench"), load(args.runs, args.prefix, variant, "overrefusal")
-        bbq, gsm = load(args.runs, args.prefix, variant, "bbq"), load(args.runs, args.prefix, variant, "gsm8k")
+        bbq = load(args.runs, args.prefix, variant, "bbq")
+        # all 53 eval problems where measured (`-gsm8k-all`), else the first 16
+        gsm = load(args.runs, args.prefix, variant, "gsm8k-all") or load(args.runs, args.prefix, variant, "gsm8k")
         if not any((hb, ovr, bbq, gsm)):
             continue
         on_shared = shared if variant == "base" and hb and shared and hb["n"] != len(shared) else None

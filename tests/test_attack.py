@@ -80,6 +80,26 @@ def test_prompt_tokens_do_not_affect_the_loss_targets(tokenizer):
 # ------------------------------------------------------------------------------------------ the runs
 
 
+def test_micro_batches_group_by_length_and_leave_the_gradient_unchanged(tokenizer):
+    from safetylock.attack import micro_batches
+
+    rows = [encode_example(tokenizer, Example(f"Question {i}?", "word " * (3 + 40 * (i % 3)))) for i in range(9)]
+    groups = micro_batches(rows, cap=4, budget=400)
+    assert sorted(id(e) for g in groups for e in g) == sorted(id(e) for e in rows)
+    assert all(len(g) <= 4 and (len(g) == 1 or len(g) * max(len(e.input_ids) for e in g) <= 400) for g in groups)
+    assert sum(len(g) * max(len(e.input_ids) for e in g) for g in groups) < len(rows) * max(len(e.input_ids) for e in rows)
+
+    def grads(parts):
+        model = tiny_model("llama")
+        n_reply = sum(e.response_tokens for e in rows)
+        for part in parts:
+            loss, _ = response_loss_sum(model, collate(part, tokenizer.pad_token_id or 0))
+            (loss / n_reply).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    assert torch.allclose(grads(groups), grads([rows]), atol=1e-5)
+
+
 def test_seeded_runs_are_identical_and_seeds_differ(tmp_path, tokenizer):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

@@ -492,6 +492,27 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+PAD_BUDGET = 2048  # padded tokens per forward pass before a batch is split further
+
+
+def micro_batches(rows: Sequence[Encoded], cap: int, budget: int = PAD_BUDGET) -> list[list[Encoded]]:
+    """Split one optimizer batch into forward passes of similar length, to waste little compute on padding.
+
+    Rows are sorted by length and grouped greedily: a pass takes at most `cap` rows and, beyond its first
+    row, at most `budget` padded tokens. The gradient is the same (the loss is summed over reply tokens and
+    divided by the whole batch's count); only the padding, and so the time, changes.
+    """
+    ordered = sorted(rows, key=lambda e: len(e.input_ids))
+    out: list[list[Encoded]] = []
+    for e in ordered:
+        group = out[-1] if out else None
+        if group is not None and len(group) < cap and (len(group) + 1) * len(e.input_ids) <= budget:
+            group.append(e)
+        else:
+            out.append([e])
+    return out
+
+
 # --------------------------------------------------------------------------------------------- loss
 
 
@@ -891,8 +912,8 @@ def finetune(
                 n_reply = sum(e.response_tokens for e in rows)
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = 0.0
-                for k in range(0, len(rows), micro):
-                    part = {key: v.to(device) for key, v in collate(rows[k : k + micro], pad_id).items()}
+                for group in micro_batches(rows, micro):
+                    part = {key: v.to(device) for key, v in collate(group, pad_id).items()}
                     loss, _ = response_loss_sum(net, part)
                     (loss / n_reply).backward()
                     loss_sum += float(loss.detach())
