@@ -51,6 +51,11 @@ G="--benchmark gsm8k100 --max-new-tokens 384 --batch-size 16"
 A2=runs/ft/1.5b-harmful-100
 $S eval -m $M $G -o runs/eval/1.5b-base-gsm8k-all
 $S eval -m $M --adapter $A2 $G -o runs/eval/1.5b-h100-gsm8k-all
+# the other 47 problems (the extract split: no training or extraction uses gsm8k), for all 100, paired
+$S eval -m $M $G --split extract -o runs/eval/1.5b-base-gsm8k-extract
+$S eval -m $M --adapter $A2 $G --split extract -o runs/eval/1.5b-h100-gsm8k-extract
+.venv/bin/python bench/utility_paired.py --label "harmful-100, gsm8k100 (all 100)" \
+  --base runs/eval/1.5b-base-gsm8k-{all,extract} --model runs/eval/1.5b-h100-gsm8k-{all,extract}
 $S eval -m $M --adapter $A2 --lock $L --conditional $G -o runs/eval/1.5b-h100-clock-gsm8k-all
 $S eval -m $M --adapter $A2 --lock $L --conditional --benchmark bbq300 --limit 48 $B -o runs/eval/1.5b-h100-clock-bbq
 # the model judge on the harmbench replies (the table's "model judge" column; it reads whole replies, so it sees
