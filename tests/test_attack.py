@@ -325,6 +325,20 @@ def test_finetune_trains_on_the_self_distilled_replies_and_resumes_with_them(tmp
     assert finetune(tiny_model("qwen2"), tokenizer, "benign", run, **{**FAST, "data": data, "epochs": 1}).steps == 3
 
 
+def test_another_bases_run_is_refused_before_self_distilling_into_it(tmp_path, tokenizer, monkeypatch):
+    from safetylock.attack import DISTILLED
+
+    data = [replace_distill(e) for e in SHORT]
+    run = tmp_path / "run"
+    finetune(tiny_model("qwen2"), tokenizer, "benign", run, **{**FAST, "data": data, "epochs": 1})
+    cached = (run / DISTILLED).read_text()
+    monkeypatch.setattr(sys.modules["safetylock.generate"], "generate",
+                        lambda *a, **k: pytest.fail("generated for a run it then refused"))
+    with pytest.raises(SafetylockError, match="holds another run"):
+        finetune(tiny_model("llama"), tokenizer, "benign", run, **{**FAST, "data": data, "epochs": 1})
+    assert (run / DISTILLED).read_text() == cached
+
+
 def replace_distill(example):
     from dataclasses import replace
 

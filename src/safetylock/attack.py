@@ -838,13 +838,16 @@ def finetune(
     from . import __version__
     from .models import fingerprint
 
+    base_record = {**fingerprint(base), "digest": _base_digest(base)}
     distilled = None
     if any(e.distill for e in examples):
+        # Refuse another base's run before spending minutes generating into (and caching in) its directory.
+        _run_state(outdir, {**early, "base": base_record}, overwrite, keys=("format", "attack", "method", "hyper", "base"))
         examples, distilled = self_distill(base, tokenizer, examples, cache=outdir / DISTILLED, progress=progress)
     encoded = [encode_example(tokenizer, e, hyper.max_length) for e in examples]
     config: dict[str, Any] = {
         **early,
-        "base": {**fingerprint(base), "digest": _base_digest(base)},
+        "base": base_record,
         "data": {**early["data"], "reply_tokens": sum(e.response_tokens for e in encoded)},
         "system": spec.system,
         "prompt_template": spec.prompt_template,

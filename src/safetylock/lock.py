@@ -634,8 +634,9 @@ class Lock:
         deltas = self.deltas(alpha, geometry=geometry)
         slices = self.head_slices(geometry.head_dim)
         linears = o_projs(model, list(deltas))
-        if any(hasattr(linear, "_safetylock_original_bias") for linear in linears.values()):
-            raise SafetylockError("a lock is already baked into this model; unbake it first")
+        baked = [layer for layer, linear in linears.items() if hasattr(linear, "_safetylock_original_bias")]
+        if baked:
+            raise SafetylockError(f"a lock is already baked into layer {baked[0]}; unbake it first")
         news = []
         for layer, delta in deltas.items():
             linear = linears[layer]
