@@ -196,6 +196,7 @@ def test_safety_sft_trains_an_adapter_and_restores_the_model(tmp_path, tokenizer
     info = train_safety_sft(model, tokenizer, tmp_path / "sft", HARMFUL[:4], steps=2, batch_size=2, lr=5e-3)
     assert info["steps"] == 2 and (tmp_path / "sft" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "sft" / "safety_sft.json").read_text())["defense"] == "safety-sft"
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["name"] == "safety-sft"  # not "harmful-10"
     before, hooks = logits(model), hook_count(model)
     defense = make_defense("safety-sft", tmp_path / "sft")
     with defense.applied(model) as m:

@@ -789,6 +789,7 @@ def finetune(
     dtype: str | None = None,
     progress: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    name: str | None = None,
 ) -> FinetuneResult:
     """Return what fine-tuning `model` on `attack`'s data (or `data`) wrote into `outdir`.
 
@@ -797,6 +798,7 @@ def finetune(
     untouched); with method 'full' it is trained in place. Re-running with the same arguments and
     `outdir` resumes after the last finished epoch; a finished run is returned as is (with `merge`,
     the merged checkpoint is added if missing). `callback` gets a dict after every optimizer step.
+    `name` labels the run in the progress bar and config.json where it is not an attack (default: the attack).
     """
     outdir = Path(outdir).expanduser()
     spec = get_attack(attack)
@@ -821,7 +823,7 @@ def finetune(
     hyper_record = {**asdict(hyper), "seed": seed, "target_modules": "all-linear", "optimizer": "AdamW",
                     "schedule": "constant", "loss": "mean over reply tokens", "total_steps": total_steps,
                     "total_epochs": total_epochs}
-    early = {"format": FORMAT, "attack": attack, "method": method, "hyper": hyper_record,
+    early = {"format": FORMAT, "attack": attack, "name": name or attack, "method": method, "hyper": hyper_record,
              "data": {"source": data_source, "examples": len(examples), "sha256": data_hash(examples)}}
     _run_state(outdir, early, overwrite, keys=("format", "attack", "method", "hyper"))
 
@@ -899,7 +901,7 @@ def finetune(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc=f"finetune {attack}", unit="step")
+        bar = tqdm(total=total_steps, initial=step, desc=f"finetune {name or attack}", unit="step")
     net.train()
     try:
         for epoch in range(start_epoch, total_epochs):

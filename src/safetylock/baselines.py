@@ -431,7 +431,7 @@ def train_safety_sft(
     """Return what LoRA fine-tuning the (compromised) model on refusals of `prompts` wrote into `outdir`.
 
     The model is merged into a copy first (an attack adapter stays in it); the new adapter sits on that
-    merged model. `attack.finetune` does the training; its `harmful-10` entry only names the run (the data
+    merged model. `attack.finetune` does the training with its `harmful-10` hyperparameters (the data
     are ours: extract-split prompts and refusals, checked against the eval splits).
     """
     from .attack import finetune
@@ -441,7 +441,7 @@ def train_safety_sft(
     merged = merged_copy(model)
     examples = refusal_examples(prompts, seed)
     result = finetune(merged, tokenizer, "harmful-10", outdir, data=examples, steps=steps, batch_size=batch_size,
-                      lr=lr, rank=rank, seed=seed, overwrite=overwrite, progress=progress)
+                      lr=lr, rank=rank, seed=seed, overwrite=overwrite, progress=progress, name="safety-sft")
     outdir = Path(outdir)
     info = {"defense": "safety-sft", "examples": len(examples), "steps": result.steps, "seconds": result.seconds,
             "final_loss": result.final_loss, "base": result.config.get("base"),
