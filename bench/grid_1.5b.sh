@@ -1,0 +1,10 @@
+# The `safetylock bench` run behind bench/grid-1.5b (README "Benchmark"). Run from the repository root after
+# `make install`. Same settings as bench/grid_0.5b.sh (16 eval prompts per benchmark, judge relevance:0.25,
+# greedy, 48 new tokens, bf16 on the 2-core AMD EPYC with AVX-512 BF16), one alpha per swept defense.
+# The artifact cache (adapters, locks, generations, which include replies to harmful prompts) goes to
+# runs/bench-cache, outside git; a rerun computes only what is missing.
+set -e
+S=.venv/bin/safetylock; M=qwen2.5-coder-1.5b-instruct
+COMMON="--models $M --limit 16 --judge relevance:0.25 --batch-size 16 --cache-dir runs/bench-cache"
+$S bench $COMMON --attacks none,harmful-10,harmful-100,aoa,benign --benchmarks harmbench,advbench,overrefusal,bbq300 \
+  --alphas safetylock=1.5 --alphas safetylock-conditional=1.5 -o bench/grid-1.5b
