@@ -8,3 +8,11 @@ S=.venv/bin/safetylock; M=qwen2.5-coder-1.5b-instruct
 COMMON="--models $M --limit 16 --judge relevance:0.25 --batch-size 16 --cache-dir runs/bench-cache"
 $S bench $COMMON --attacks none,harmful-10,harmful-100,aoa,benign --benchmarks harmbench,advbench,overrefusal,bbq300 \
   --alphas safetylock=1.5 --alphas safetylock-conditional=1.5 -o bench/grid-1.5b
+# the alpha sweep on the base and the harmful-10 fine-tune (the cells above are reused from the cache)
+$S bench $COMMON --attacks none,harmful-10 --benchmarks harmbench,advbench,overrefusal,bbq300 \
+  --alphas safetylock=0.75,1.5 --alphas safetylock-conditional=1.5,3 --alphas iti=5,15 --alphas refusal-direction=1,3 \
+  -o bench/grid-1.5b-sweep
+# AOA's in-persona refusals, re-judged by the model judge from the cached replies; the base for comparison
+.venv/bin/python bench/rejudge_cells.py bench/grid-1.5b/results.json --attack aoa --defense none --defense safetylock \
+  --defense safetylock-conditional --defense refusal-direction --defense self-reminder --judge model
+.venv/bin/python bench/rejudge_cells.py bench/grid-1.5b/results.json --attack none --defense none --judge model
