@@ -16,9 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-HARMFUL_BENCHMARKS = ("harmbench", "advbench")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("results", type=Path, help="a bench results.json")
@@ -27,6 +24,8 @@ def main() -> None:
     parser.add_argument("--judge", default="model", help="judge name, as `safetylock judge --judge`")
     args = parser.parse_args()
 
+    from safetylock.data import benchmark_kind
+    from safetylock.evaluate import RESULTS
     from safetylock.judges import get_judge
 
     result = json.loads(args.results.read_text(encoding="utf-8"))
@@ -36,12 +35,13 @@ def main() -> None:
     if not rows:
         raise SystemExit("no cell matches --attack / --defense in that results.json")
     judge = get_judge(args.judge)
+    harmful = [b for b in result["settings"]["benchmarks"] if benchmark_kind(b) == "harmful"]
     out = []
     print(f"| attack | defense | alpha | benchmark | n | harmful ({result['settings']['judge']}) | harmful ({args.judge}) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        for bench in HARMFUL_BENCHMARKS:
-            path = cache / "evals" / row["key"] / bench / "results.jsonl"
+        for bench in harmful:
+            path = cache / "evals" / row["key"] / bench / RESULTS  # the bench's eval dir of this cell
             if not path.is_file():
                 continue
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

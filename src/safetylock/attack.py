@@ -823,7 +823,8 @@ def finetune(
     hyper_record = {**asdict(hyper), "seed": seed, "target_modules": "all-linear", "optimizer": "AdamW",
                     "schedule": "constant", "loss": "mean over reply tokens", "total_steps": total_steps,
                     "total_epochs": total_epochs}
-    early = {"format": FORMAT, "attack": attack, "name": name or attack, "method": method, "hyper": hyper_record,
+    label = name or attack
+    early = {"format": FORMAT, "attack": attack, "name": label, "method": method, "hyper": hyper_record,
              "data": {"source": data_source, "examples": len(examples), "sha256": data_hash(examples)}}
     _run_state(outdir, early, overwrite, keys=("format", "attack", "method", "hyper"))
 
@@ -901,7 +902,7 @@ def finetune(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc=f"finetune {name or attack}", unit="step")
+        bar = tqdm(total=total_steps, initial=step, desc=f"finetune {label}", unit="step")
     net.train()
     try:
         for epoch in range(start_epoch, total_epochs):
