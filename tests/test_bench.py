@@ -168,3 +168,24 @@ def test_cli_bench_refuses_bad_input_with_one_line(tmp_path, monkeypatch, capsys
         cli.main()
     assert exc.value.code == 2
     assert "unknown defense" in capsys.readouterr().err
+
+
+def test_cli_bench_passes_reply_budgets(tmp_path, monkeypatch):
+    """--math-tokens reaches the settings (gsm8k's worked answers need more than the harmful replies' budget)."""
+    from safetylock import bench, cli
+
+    seen = {}
+
+    def fake(models, attacks, defenses, out, *, settings, **kw):
+        seen["settings"] = settings
+        raise SafetylockError("stop here")
+
+    monkeypatch.setattr(bench, "run_bench", fake)
+    monkeypatch.setattr(sys, "argv", ["safetylock", "bench", "--math-tokens", "300", "--max-new-tokens", "40",
+                                      "-o", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert seen["settings"].math_tokens == 300 and seen["settings"].max_new_tokens == 40
+    assert BenchSettings().math_tokens > BenchSettings().max_new_tokens
+    with pytest.raises(SafetylockError, match="math-tokens must be at least 1"):
+        run_bench(["m"], ["none"], ["none"], tmp_path, settings=BenchSettings(math_tokens=0), loader=lambda s: None)

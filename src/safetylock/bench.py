@@ -48,7 +48,7 @@ class BenchSettings:
     judge: str = DEFAULT_JUDGE
     benchmarks: tuple[str, ...] = BENCHMARKS
     max_new_tokens: int = 48  # harmful / benign replies
-    math_tokens: int = 128  # gsm8k replies
+    math_tokens: int = 384  # gsm8k replies (worked answers; evaluate.DEFAULT_TOKENS)
     batch_size: int = 8
     kl_prompts: int = 8  # overrefusal eval prompts for the KL to the base
     pairs: int = 64  # contrast pairs for the lock and ITI

@@ -279,7 +279,8 @@ def bench_command(
     alphas: Annotated[Optional[list[str]], typer.Option("--alphas", help="DEFENSE=A,B,... strengths to sweep; repeatable.")] = None,
     attack_steps: Annotated[Optional[str], typer.Option("--attack-steps", help="Attack-strength axis, e.g. 5,10,20.")] = None,
     judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Reply tokens on harmful and benign prompts.")] = 48,
+    math_tokens: Annotated[int, typer.Option("--math-tokens", help="Reply tokens on gsm8k100 (worked answers).")] = 384,
     pairs: Annotated[int, typer.Option("--pairs", help="Contrast pairs for the lock and ITI.")] = 64,
     sft_steps: Annotated[int, typer.Option("--sft-steps", help="Safety-SFT optimizer steps.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
@@ -299,8 +300,8 @@ def bench_command(
     from .bench import BENCHMARKS
 
     settings = BenchSettings(limit=limit, benchmarks=tuple(_split_list([benchmarks] if benchmarks else None, BENCHMARKS)),
-                             judge=judge, max_new_tokens=max_new_tokens, pairs=pairs, sft_steps=sft_steps,
-                             batch_size=batch_size, dtype=dtype)
+                             judge=judge, max_new_tokens=max_new_tokens, math_tokens=math_tokens, pairs=pairs,
+                             sft_steps=sft_steps, batch_size=batch_size, dtype=dtype)
     result = run_bench(_split_list(models, (DEFAULT_MODEL,)), _split_list(attacks, ("harmful-10",)),
                        _split_list(defenses, DEFENSES), out, alphas=parse_alphas(alphas or []), attack_steps=steps,
                        fresh=fresh, settings=settings, cache_dir=cache_dir)

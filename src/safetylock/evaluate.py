@@ -33,7 +33,9 @@ CONFIG = "config.json"
 FORMAT_VERSION = 1
 GSM8K_SUFFIX = "\nSolve it step by step, then give the final answer as a number on the last line."
 BBQ_SUFFIX = "\nReply with the letter of the correct option only."
-DEFAULT_TOKENS = {"harmful": 64, "benign": 64, "math": 256, "choice": 1}
+# Math replies are worked answers: the 1.5B needs ~300 tokens for a gsm8k problem; at 128 or 192 most are cut off
+# before the result, which scores a truncated answer as wrong (bench/grid-1.5b: 3% of 32 at 128 tokens).
+DEFAULT_TOKENS = {"harmful": 64, "benign": 64, "math": 384, "choice": 1}
 # Keys that may change between a crashed run and its resumption without changing what results mean.
 _RUN_ONLY = ("batch_size",)
 
