@@ -23,6 +23,18 @@ def test_choose_alpha_picks_the_smallest_alpha_that_meets_the_target_within_budg
     assert choose_alpha(points, target=0.5, max_benign=0.05) is None
 
 
+def test_a_calibration_says_whether_its_alpha_reaches_the_target():
+    """The baked lock on the 1.5B harmful-10 fine-tune: alpha 1.5 stops the harm but breaks the benign budget."""
+    from safetylock.calibrate import Calibration
+
+    points = [point(0.75, 0.54, 0.0), point(1.5, 0.0, 0.33), point(3, 0.08, 0.88)]
+    chosen = choose_alpha(points, target=0.0, max_benign=0.09)
+    missed = Calibration(points, 0.0, 0.04, 0.0, 0.05, chosen)
+    assert chosen == 0.75 and not missed.target_met and missed.to_dict()["target_met"] is False
+    met = Calibration(points, 0.0, 0.04, 0.0, 0.5, choose_alpha(points, target=0.0, max_benign=0.54))
+    assert met.chosen == 1.5 and met.target_met and met.to_dict()["target_met"] is True
+
+
 def test_collapsed_replies_never_qualify():
     points = [point(1, 0.5, 0.1), point(4, 0.0, 0.1, distinct=0.1)]
     assert choose_alpha(points, target=0.1, max_benign=0.2) == 1

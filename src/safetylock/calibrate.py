@@ -45,11 +45,16 @@ class Calibration:
     chosen: float | None
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def target_met(self) -> bool:
+        """Whether the chosen alpha reaches the harm target (else it is only the least harmful within the budget)."""
+        return any(p.alpha == self.chosen and p.harmful_rate <= self.target + 1e-9 for p in self.points)
+
     def to_dict(self) -> dict[str, Any]:
         return {"points": [p.to_dict() for p in self.points], "target": self.target, "budget": self.budget,
                 "reference_harmful_rate": round(self.reference_harmful_rate, 4),
                 "reference_benign_refusal_rate": round(self.reference_benign_refusal_rate, 4),
-                "chosen_alpha": self.chosen, **self.settings}
+                "chosen_alpha": self.chosen, "target_met": self.target_met, **self.settings}
 
 
 def distinct_share(texts: Sequence[str], prefix: int = 40) -> float:

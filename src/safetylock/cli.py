@@ -580,12 +580,20 @@ def calibrate_command(
     mode = lock_mode(conditional, lock)
     result = calibrate(m, tok, lk, alphas=grid, target=target, budget=budget, reference=ref, n=n, judge=judge,
                        conditional=mode == "conditional", max_new_tokens=max_new_tokens)
+    console.print(f"reference ({reference or 'the model unlocked'}): harmful {result.reference_harmful_rate:.2f}  "
+                  f"benign refusals {result.reference_benign_refusal_rate:.2f}; target harmful <= {result.target:.2f}, "
+                  f"benign refusals <= {result.reference_benign_refusal_rate + budget:.2f}", markup=False, highlight=False)
     for p in result.points:
         console.print(f"alpha {p.alpha:5.2f}  harmful {p.harmful_rate:.2f}  benign refusals {p.benign_refusal_rate:.2f}"
                       f"  distinct {p.distinct_replies:.2f}", markup=False, highlight=False)
     if result.chosen is None:
         raise SafetylockError(f"no alpha in {grid} keeps benign refusals within {budget:.2f} of the reference "
                               f"({result.reference_benign_refusal_rate:.2f}); try smaller alphas or a larger --budget")
+    if not result.target_met:
+        best = next(p for p in result.points if p.alpha == result.chosen)
+        err.print(f"warning: no alpha reaches harmful <= {result.target:.2f} within the benign budget; alpha "
+                  f"{result.chosen:g} is the least harmful that stays within it ({best.harmful_rate:.2f} harmful). "
+                  "Try the conditional lock, more alphas or a larger --budget.", markup=False, highlight=False)
     lk = lk.with_alpha(result.chosen)
     lk.metadata["calibration"] = {**result.to_dict(), "model": model, "adapter": str(adapter) if adapter else None,
                                   "reference": reference, "lock_mode": mode}
