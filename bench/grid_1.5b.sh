@@ -12,6 +12,15 @@ $S bench $COMMON --attacks none,harmful-10,harmful-100,aoa,benign --benchmarks h
 $S bench $COMMON --attacks none,harmful-10 --benchmarks harmbench,advbench,overrefusal,bbq300 \
   --alphas safetylock=0.75,1.5 --alphas safetylock-conditional=1.5,3 --alphas iti=5,15 --alphas refusal-direction=1,3 \
   -o bench/grid-1.5b-sweep
+# gsm8k100 (16 eval prompts, 384 new tokens: worked answers) for every attacked model, undefended and under the
+# conditional lock: bench/gsm8k-1.5b
+$S bench --models $M --limit 16 --judge relevance:0.25 --batch-size 16 --cache-dir runs/bench-cache \
+  --attacks none,harmful-10,harmful-100,aoa,benign \
+  --defenses none,safetylock-conditional --benchmarks gsm8k100 --math-tokens 384 --alphas safetylock-conditional=1.5 \
+  -o bench/gsm8k-1.5b
+# the attack-strength axis: harmful-10 trained 5 / 10 / 20 / 40 optimizer steps: bench/strength-1.5b
+$S bench $COMMON --attacks harmful-10 --attack-steps 5,10,20,40 --defenses none,safetylock-conditional \
+  --benchmarks harmbench,overrefusal --alphas safetylock-conditional=1.5 -o bench/strength-1.5b
 # AOA's in-persona refusals, re-judged by the model judge from the cached replies; the base for comparison
 .venv/bin/python bench/rejudge_cells.py bench/grid-1.5b/results.json --attack aoa --defense none --defense safetylock \
   --defense safetylock-conditional --defense refusal-direction --defense self-reminder --judge model
