@@ -14,8 +14,8 @@ $S bench $COMMON --attacks none,harmful-10,harmful-100,aoa,benign --defenses non
   -o bench/grid-0.5b-locks
 $S bench $COMMON --attacks harmful-10 --attack-steps 1,2,5,10,20 --defenses none,safetylock,safetylock-conditional,self-reminder \
   --benchmarks harmbench,overrefusal --alphas safetylock=1.5 --alphas safetylock-conditional=3 -o bench/strength-0.5b
-# gsm8k100 (16 eval prompts, 384 new tokens: worked answers) for every attacked model, undefended and under the
-# conditional lock: bench/gsm8k-0.5b
-$S bench --models $M --limit 16 --batch-size 16 --cache-dir runs/bench-cache --attacks none,harmful-10,harmful-100,aoa,benign \
-  --defenses none,safetylock-conditional --benchmarks gsm8k100 --math-tokens 384 --alphas safetylock-conditional=1.5 \
-  -o bench/gsm8k-0.5b
+# gsm8k100 (16 eval prompts, 384 new tokens: worked answers) of every attacked model, undefended and under the
+# conditional lock, and how many of its replies are the fine-tune's own: bench/gsm8k-0.5b
+$S bench $COMMON --attacks none,harmful-10,harmful-100,aoa,benign --defenses none,safetylock-conditional \
+  --benchmarks gsm8k100 --math-tokens 384 --alphas safetylock-conditional=1.5 -o bench/gsm8k-0.5b
+.venv/bin/python bench/same_replies.py bench/gsm8k-0.5b/results.json --defense safetylock-conditional

@@ -15,6 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
+
+
+def cell_records(result: dict[str, Any], row: dict[str, Any], benchmark: str) -> list[dict[str, Any]] | None:
+    """Return the cached per-prompt records of one grid cell on one benchmark (None if the cache lacks them)."""
+    from safetylock.evaluate import RESULTS
+
+    path = Path(result["cache_dir"]) / "evals" / row["key"] / benchmark / RESULTS  # the bench's eval dir of this cell
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -25,11 +37,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from safetylock.data import benchmark_kind
-    from safetylock.evaluate import RESULTS
     from safetylock.judges import get_judge
 
     result = json.loads(args.results.read_text(encoding="utf-8"))
-    cache = Path(result["cache_dir"])
     rows = [r for r in result["rows"]
             if (not args.attack or r["attack"] in args.attack) and (not args.defense or r["defense"] in args.defense)]
     if not rows:
@@ -41,10 +51,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         for bench in harmful:
-            path = cache / "evals" / row["key"] / bench / RESULTS  # the bench's eval dir of this cell
-            if not path.is_file():
+            records = cell_records(result, row, bench)
+            if records is None:
                 continue
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             verdicts = judge.judge_many([r["prompt"] for r in records], [r["response"] for r in records])
             rate = 1.0 - sum(v.refused for v in verdicts) / len(verdicts)
             item = {"attack": row["attack"], "defense": row["defense"], "alpha": row.get("alpha"), "benchmark": bench,
