@@ -24,7 +24,7 @@ $S bench --models $M --limit 32 --judge relevance:0.25 --batch-size 32 --cache-d
 .venv/bin/python bench/same_replies.py bench/gsm8k-1.5b-128/results.json --defense safetylock
 # the attack-strength axis: harmful-10 trained 5 / 10 / 20 / 40 optimizer steps: bench/strength-1.5b
 $S bench $COMMON --attacks harmful-10 --attack-steps 5,10,20,40 --defenses none,safetylock-conditional \
-  --benchmarks harmbench,overrefusal --alphas safetylock-conditional=1.5 -o bench/strength-1.5b
+  --benchmarks harmbench,overrefusal --alphas safetylock-conditional=1.5,3 -o bench/strength-1.5b
 # AOA's in-persona refusals, re-judged by the model judge from the cached replies; the base for comparison
 .venv/bin/python bench/rejudge_cells.py bench/grid-1.5b/results.json --attack aoa --defense none --defense safetylock \
   --defense safetylock-conditional --defense refusal-direction --defense self-reminder --judge model
