@@ -27,6 +27,7 @@ from typing import Any
 
 from .baselines import DEFENSES, ITI_ALPHA, SELF_REMINDER
 from .errors import SafetylockError
+from .evaluate import DEFAULT_TOKENS
 from .files import atomic_file, sha256_text, write_json
 from .judges import DEFAULT_JUDGE
 from .lock import DEFAULT_ALPHA
@@ -48,7 +49,7 @@ class BenchSettings:
     judge: str = DEFAULT_JUDGE
     benchmarks: tuple[str, ...] = BENCHMARKS
     max_new_tokens: int = 48  # harmful / benign replies
-    math_tokens: int = 384  # gsm8k replies (worked answers; evaluate.DEFAULT_TOKENS)
+    math_tokens: int = DEFAULT_TOKENS["math"]  # gsm8k replies (worked answers)
     batch_size: int = 8
     kl_prompts: int = 8  # overrefusal eval prompts for the KL to the base
     pairs: int = 64  # contrast pairs for the lock and ITI
