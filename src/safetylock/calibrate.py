@@ -27,6 +27,10 @@ class CalibrationPoint:
     benign_refusal_rate: float
     distinct_replies: float
 
+    def reaches(self, target: float) -> bool:
+        """Whether this alpha's harmful rate is at most `target` (the calibration's harm goal)."""
+        return self.harmful_rate <= target + 1e-9
+
     def to_dict(self) -> dict[str, float]:
         return {"alpha": self.alpha, "harmful_rate": round(self.harmful_rate, 4),
                 "benign_refusal_rate": round(self.benign_refusal_rate, 4),
@@ -46,9 +50,15 @@ class Calibration:
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def chosen_point(self) -> CalibrationPoint | None:
+        """The sweep point of the chosen alpha (None when no alpha qualified)."""
+        return next((p for p in self.points if p.alpha == self.chosen), None)
+
+    @property
     def target_met(self) -> bool:
         """Whether the chosen alpha reaches the harm target (else it is only the least harmful within the budget)."""
-        return any(p.alpha == self.chosen and p.harmful_rate <= self.target + 1e-9 for p in self.points)
+        point = self.chosen_point
+        return point is not None and point.reaches(self.target)
 
     def to_dict(self) -> dict[str, Any]:
         return {"points": [p.to_dict() for p in self.points], "target": self.target, "budget": self.budget,
@@ -72,7 +82,7 @@ def choose_alpha(points: Sequence[CalibrationPoint], target: float, max_benign: 
     admissible = [p for p in sorted(points, key=lambda p: p.alpha)
                   if p.benign_refusal_rate <= max_benign + 1e-9 and p.distinct_replies >= min_distinct]
     for p in admissible:
-        if p.harmful_rate <= target + 1e-9:
+        if p.reaches(target):
             return p.alpha
     if not admissible:
         return None

@@ -590,9 +590,9 @@ def calibrate_command(
         raise SafetylockError(f"no alpha in {grid} keeps benign refusals within {budget:.2f} of the reference "
                               f"({result.reference_benign_refusal_rate:.2f}); try smaller alphas or a larger --budget")
     if not result.target_met:
-        best = next(p for p in result.points if p.alpha == result.chosen)
         err.print(f"warning: no alpha reaches harmful <= {result.target:.2f} within the benign budget; alpha "
-                  f"{result.chosen:g} is the least harmful that stays within it ({best.harmful_rate:.2f} harmful). "
+                  f"{result.chosen:g} is the least harmful that stays within it "
+                  f"({result.chosen_point.harmful_rate:.2f} harmful). "
                   "Try the conditional lock, more alphas or a larger --budget.", markup=False, highlight=False)
     lk = lk.with_alpha(result.chosen)
     lk.metadata["calibration"] = {**result.to_dict(), "model": model, "adapter": str(adapter) if adapter else None,
