@@ -74,14 +74,16 @@ def test_hooked_equals_baked_equals_exported(tmp_path, tokenizer, family):
     assert reloaded.model.layers[0].self_attn.o_proj.bias is not None
 
 
-def test_alpha_zero_changes_nothing():
+def test_alpha_zero_is_refused_and_the_shift_is_linear_in_alpha():
+    """Alpha 0 would be a lock that does nothing while reporting itself applied: refused, model untouched."""
     model = tiny_model("qwen2")
     base = logits(model)
     lock = synthetic_lock(model)
-    with lock.applied(model, alpha=0.0):
-        assert torch.equal(logits(model), base)
-    lock.bake(model, alpha=0.0)
-    assert torch.allclose(logits(model), base, atol=1e-6)
+    with pytest.raises(SafetylockError, match="finite number > 0"):
+        lock.bake(model, alpha=0.0)
+    assert torch.equal(logits(model), base)
+    one, three = lock.deltas(1.0, model), lock.deltas(3.0, model)
+    assert all(torch.allclose(three[k], 3 * one[k], atol=1e-6) for k in one)
 
 
 def test_exit_removes_hooks_and_restores_bit_identical_logits():

@@ -109,6 +109,28 @@ def test_directory_without_config_is_not_a_model(tmp_path):
         resolve_spec(str(tmp_path))
 
 
+def test_pickle_only_model_and_adapter_directories_are_refused(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)
+    tokenizer.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # what old scripts wrote; never loaded here
+    with pytest.raises(SafetylockError, match=r"only pickle \(\.bin\) weights.*safe_serialization=True") as info:
+        load_model(str(pickled), device="cpu")
+    assert "\n" not in str(info.value)
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        adapter, safe_serialization=False
+    )
+    assert (adapter / "adapter_model.bin").is_file() and not (adapter / "adapter_model.safetensors").exists()
+    base_dir = save_tiny(tmp_path, tokenizer, "llama")
+    with pytest.raises(SafetylockError, match=r"adapter .* only pickle \(\.bin\) weights.*safe_serialization=True"):
+        load_model(str(base_dir), adapter=adapter, dtype="fp32", device="cpu")
+
+
 def test_truncated_gguf_is_reported_as_corrupt(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 20)

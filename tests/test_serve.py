@@ -22,7 +22,7 @@ from safetylock import SafetylockError
 from safetylock.generate import generate
 from safetylock.models import load_model
 from safetylock.cli import app
-from safetylock.serve import Engine, parse_adapter_specs, serve_in_thread
+from safetylock.serve import MAX_BODY_BYTES, Engine, Job, parse_adapter_specs, read_admin_token, serve_in_thread
 
 TOKEN = "s3cret-admin"
 PROMPTS = ["hello there", "tell me a story", "what is 2+2?", "a much longer prompt about nothing in particular"]
@@ -111,9 +111,7 @@ def test_models_lists_the_base_and_its_adapters(world):
     assert all(m["object"] == "model" and m["safetylock"]["locked"] for m in body["data"])
 
 
-def test_health_reports_the_lock_and_metrics_speak_prometheus(world):
-    health = httpx.get(f"{world.url}/health").json()
-    assert health["status"] == "ok" and health["lock"]["locked"] and health["lock"]["baked_parameters"] > 0
+def test_metrics_speak_prometheus(world):
     text = httpx.get(f"{world.url}/metrics").text
     assert "# TYPE safetylock_requests_total counter" in text
     assert "safetylock_request_latency_seconds_count" in text
@@ -216,6 +214,13 @@ def test_adapter_gives_different_replies_and_base_is_restored(world):
         (json.dumps({"model": "BASE", "messages": [{"role": "user", "content": "x"}], "temperature": 5}).encode(), 400, None),
         (json.dumps({"model": "BASE", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(), 400, None),
         (json.dumps({"model": "BASE", "messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), 400, None),
+        (b'{"model": "BASE", "messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551616}', 400, None),
+        (b'{"model": "BASE", "messages": [{"role": "user", "content": "x"}], "seed": -9223372036854775809}', 400, None),
+        (b'{"model": "BASE", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, None),
+        (b'{"model": "BASE", "messages": [{"role": "user", "content": "x"}], "top_p": Infinity}', 400, None),
+        (b'{"model": "BASE", "messages": [{"role": "user", "content": "x"}], "top_p": 0}', 400, None),
+        (b'{"model": "BASE", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}', 400, None),
+        (b'{"model": "BASE", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}', 400, None),
         (json.dumps({"model": "BASE", "messages": [{"role": "user", "content": "x"}], "stop": list("abcde")}).encode(), 400, None),
         (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model_not_found"),
         (json.dumps({"model": "BASE", "messages": [{"role": "user", "content": "x" * 400}]}).encode(), 400,
@@ -232,7 +237,78 @@ def test_bad_requests_get_openai_errors(world, body, status, code):
     assert error["message"] and error["type"] == "invalid_request_error" and error["code"] == code
 
 
-def test_unknown_routes_and_methods_answer_in_the_same_shape(world):
+def test_seeds_at_both_ends_of_the_64_bit_range_are_served(world):
+    assert reply(world, PROMPTS[0], temperature=1.0, seed=2**64 - 1, max_tokens=4)
+    assert reply(world, PROMPTS[0], temperature=1.0, seed=-(2**63), max_tokens=4)
+
+
+def test_a_tiny_temperature_samples_the_greedy_token_instead_of_failing(world):
+    # logits / 1e-300 overflows to inf, and softmax(inf - inf) is NaN: the sampler must not divide raw logits.
+    assert reply(world, PROMPTS[1], temperature=1e-300, seed=3) == reply(world, PROMPTS[1])
+
+
+def test_a_bad_seed_is_its_own_400_and_its_batch_mates_are_served(world):
+    def ask(i: int) -> httpx.Response:
+        seed = 2**70 if i == 3 else i
+        return chat(world, PROMPTS[i % len(PROMPTS)], temperature=1.0, seed=seed, max_tokens=6)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert answers[3].status_code == 400 and answers[3].json()["error"]["param"] == "seed"
+    assert [r.status_code for i, r in enumerate(answers) if i != 3] == [200] * 7
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(world):
+    """Jobs that slip past the HTTP checks (the engine is a library too): each error stays with its own job."""
+    prompts = {p: world.engine.encode([{"role": "user", "content": p}]) for p in PROMPTS}
+    bad = {"seed": Job(world.base, prompts[PROMPTS[0]], 8, temperature=1.0, seed=2**70),  # fails setting up
+           "token": Job(world.base, [10**6], 8),  # fails the whole batch's forward pass
+           "top_p": Job(world.base, prompts[PROMPTS[1]], 8, temperature=1.0, top_p=-1.0)}  # fails its own sampling
+    good = {p: Job(world.base, ids, 12) for p, ids in prompts.items()}
+    events: dict[int, list] = {}
+    for job in [*bad.values(), *good.values()]:
+        events[id(job)] = []
+        job.emit = events[id(job)].append
+    before = metrics(world)
+    for job in [*good.values(), *bad.values()]:  # all at once: one batch
+        world.engine.submit(job)
+    deadline = time.monotonic() + 60
+    while not all(job.answered for job in [*good.values(), *bad.values()]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(events[id(job)][-1].kind == "error" for job in bad.values())
+    for prompt, job in good.items():
+        assert events[id(job)][-1].kind == "done"
+        assert "".join(e.text for e in events[id(job)] if e.kind == "delta") == reply(world, prompt)
+    assert metrics(world)["generation_errors"] > before["generation_errors"]
+    assert world.engine._worker.is_alive()
+
+
+# --------------------------------------------------------------------------------------------- body size
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_parsed(world):
+    big = json.dumps({"model": world.base, "messages": [{"role": "user", "content": "x" * (2 * MAX_BODY_BYTES)}]})
+    resp = httpx.post(f"{world.url}/v1/chat/completions", content=big.encode(), timeout=60,
+                      headers={"content-type": "application/json"})
+    assert resp.status_code == 413, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "request_too_large" and str(MAX_BODY_BYTES) in error["message"]
+
+
+def test_a_chunked_body_is_counted_as_it_arrives(world):
+    with serve_in_thread(world.engine, max_body_bytes=4096) as url:
+        def body(size: int):  # a generator: httpx sends it chunked, with no Content-Length
+            head = json.dumps({"model": world.base, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                               "temperature": 0, "pad": "x" * size})
+            yield from (head[i:i + 512].encode() for i in range(0, len(head), 512))
+
+        over = httpx.post(f"{url}/v1/chat/completions", content=body(8000), timeout=60)
+        under = httpx.post(f"{url}/v1/chat/completions", content=body(3000), timeout=60)
+        admin_over = httpx.post(f"{url}/admin/adapters", content=body(8000), timeout=60)
+    assert over.status_code == 413 and over.json()["error"]["code"] == "request_too_large"
+    assert under.status_code == 200, under.text
+    assert admin_over.status_code == 404  # no admin token here: the route is absent before its body is read
+
     assert httpx.get(f"{world.url}/v1/nothing").json()["error"]["code"] == "not_found"
     assert httpx.get(f"{world.url}/v1/chat/completions").status_code == 405
 
@@ -299,6 +375,53 @@ def test_admin_endpoint_needs_the_right_bearer_token(world):
     assert "never" not in world.engine.names
 
 
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_health_is_public_liveness_and_shows_the_lock_only_to_the_admin(world):
+    assert httpx.get(f"{world.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{world.url}/health", headers=bearer("wrong")).json() == {"status": "ok"}
+    health = httpx.get(f"{world.url}/health", headers=bearer(TOKEN)).json()
+    assert health["status"] == "ok" and health["lock"]["alpha"] == 4.0 and health["lock"]["baked_parameters"] > 0
+
+
+def test_models_and_metrics_show_no_lock_settings_without_the_admin_token(world):
+    for headers in ({}, bearer("x")):  # OpenAI clients always send their API key as a Bearer token
+        models = httpx.get(f"{world.url}/v1/models", headers=headers).json()["data"]
+        assert all(m["safetylock"] == {"locked": True} for m in models)
+    admin_view = httpx.get(f"{world.url}/v1/models", headers=bearer(TOKEN)).json()["data"]
+    assert admin_view[0]["safetylock"]["alpha"] == 4.0
+    for text in (httpx.get(f"{world.url}/metrics").text, json.dumps(metrics(world))):
+        assert "alpha" not in text and "fingerprint" not in text
+
+
+def test_without_an_admin_token_no_request_sees_the_lock_settings(world):
+    with serve_in_thread(world.engine) as url:
+        for headers in ({}, {"Authorization": "Bearer"}, bearer(TOKEN)):
+            assert httpx.get(f"{url}/health", headers=headers).json() == {"status": "ok"}
+            assert "alpha" not in httpx.get(f"{url}/v1/models", headers=headers).text
+
+
+def test_admin_token_is_read_stripped_from_its_file(tmp_path):
+    (tmp_path / "token").write_text("  s3cret\n")
+    assert read_admin_token(None, tmp_path / "token") == "s3cret"
+    assert read_admin_token("direct", None) == "direct"
+    assert read_admin_token(None, None) is None
+
+
+@pytest.mark.parametrize(("content", "token", "why"), [
+    (None, None, "cannot read"), ("", None, "empty"), (" \n\t", None, "empty"), ("a\nb", None, "more than one line"),
+    ("s3cret", "direct", "not both"),
+])
+def test_admin_token_file_problems_are_one_line_errors(tmp_path, content, token, why):
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SafetylockError, match=why):
+        read_admin_token(token, path)
+
+
 def test_adapter_added_at_runtime_serves_under_the_lock(world, tokenizer):
     path = save_adapter(tiny_model("llama", seed=3), world.root / "late", target_modules=["q_proj", "o_proj"])
     resp = admin(world, {"name": "late", "path": str(path)})
@@ -333,6 +456,16 @@ def test_adapters_that_do_not_fit_or_would_undo_the_lock_are_refused(world, toke
     assert admin(world, {"name": "e", "path": str(world.root / "missing")}).status_code == 400
     assert not {"a", "b", "c", "d", "e", "f"} & set(world.engine.names)
     assert world.engine.lock_intact()
+
+
+@pytest.mark.parametrize("alpha", [-3.0, 0.0, float("nan"), float("inf")])
+def test_engine_refuses_an_alpha_that_is_not_a_finite_positive_number(world, tokenizer, alpha):
+    from safetylock.lock import Lock
+
+    with pytest.raises(SafetylockError, match=r"--alpha must be a finite number > 0"):
+        Engine.from_spec(str(world.base_dir), world.lock, alpha=alpha, dtype="fp32", device="cpu")
+    with pytest.raises(SafetylockError, match=r"--alpha must be a finite number > 0"):
+        Engine(tiny_model("llama"), tokenizer, Lock.load(world.lock), alpha=alpha)
 
 
 def test_engine_refuses_a_misfit_adapter_at_start_up(world):

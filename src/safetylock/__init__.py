@@ -2,48 +2,35 @@
 
 from __future__ import annotations
 
-from .baselines import (
-    DEFENSES,
-    Defense,
-    RefusalDirection,
-    fit_iti,
-    fit_refusal_direction,
-    make_defense,
-    train_safety_sft,
-)
-from .bench import BenchSettings, run_bench
-from .errors import SafetylockError
-from .generate import Generation, GenerationRun, format_chat, generate
-from .lock import Lock, check_transfer, export_locked, extract, fit_condition, head_activations
-from .models import ALIASES, DEFAULT_MODEL, attach_adapter, fetch_alias, fingerprint, load_model
+import importlib
+from typing import Any
+
+# Where each public name lives. Imported on first use (PEP 562), so `safetylock --help` and every
+# usage error answer without importing torch and transformers first.
+_PUBLIC = {
+    "baselines": ("DEFENSES", "Defense", "RefusalDirection", "fit_iti", "fit_refusal_direction", "make_defense",
+                  "train_safety_sft"),
+    "bench": ("BenchSettings", "run_bench"),
+    "errors": ("SafetylockError",),
+    "generate": ("Generation", "GenerationRun", "format_chat", "generate"),
+    "lock": ("Lock", "check_transfer", "export_locked", "extract", "fit_condition", "head_activations"),
+    "models": ("ALIASES", "DEFAULT_MODEL", "attach_adapter", "fetch_alias", "fingerprint", "load_model"),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'safetylock' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ALIASES",
-    "BenchSettings",
-    "DEFAULT_MODEL",
-    "DEFENSES",
-    "Defense",
-    "Generation",
-    "GenerationRun",
-    "Lock",
-    "RefusalDirection",
-    "SafetylockError",
-    "attach_adapter",
-    "check_transfer",
-    "export_locked",
-    "extract",
-    "fetch_alias",
-    "fingerprint",
-    "fit_condition",
-    "fit_iti",
-    "fit_refusal_direction",
-    "format_chat",
-    "generate",
-    "head_activations",
-    "load_model",
-    "make_defense",
-    "run_bench",
-    "train_safety_sft",
-]
+__all__ = sorted(_HOME)

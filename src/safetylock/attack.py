@@ -25,7 +25,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -839,7 +838,7 @@ def finetune(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     from . import __version__
-    from .models import fingerprint
+    from .models import fingerprint, quiet_peft
 
     base_record = {**fingerprint(base), "digest": _base_digest(base)}
     distilled = None
@@ -865,9 +864,7 @@ def finetune(
         if merge and result.merged_dir is None and method != "full":
             from .models import attach_adapter
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                wrapped = attach_adapter(base, outdir)
+            wrapped = attach_adapter(base, outdir)
             result.merged_dir = _write_merged(wrapped, tokenizer, outdir / "merged", config)
             wrapped.unload()
             write_json(outdir / "result.json", result.to_dict())
@@ -879,8 +876,7 @@ def finetune(
     micro = max(1, min(micro_batch_size or hyper.batch_size, hyper.batch_size))
     grad_flags = {n: p.requires_grad for n, p in base.named_parameters()}
     was_training = base.training
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
+    with quiet_peft():
         net = _prepare(base, method, hyper, seed)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hyper.lr, weight_decay=hyper.weight_decay)

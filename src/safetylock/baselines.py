@@ -28,7 +28,6 @@ import copy
 import json
 import random
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from .arch import decoder_layers, unwrap
-from .errors import SafetylockError
+from .errors import SafetylockError, check_alpha
 from .files import read_tagged_safetensors, sha256_file, sha256_text, write_json, write_tagged_safetensors
 from .lock import DEFAULT_ALPHA, SHAPE_KEYS, Lock, Pair, extract, split_pairs
 
@@ -384,7 +383,7 @@ class RefusalDirectionDefense(Defense):
 
     @contextlib.contextmanager
     def applied(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
-        with self.direction.applied(model, coeff=self.default_alpha if alpha is None else float(alpha)):
+        with self.direction.applied(model, coeff=self.default_alpha if alpha is None else check_alpha(alpha, "alpha")):
             yield model
 
     def describe(self) -> dict[str, Any]:
@@ -473,9 +472,7 @@ class SafetySFT(Defense):
         if recorded and recorded != _base_digest(merged) and not self.force:
             raise SafetylockError(f"the safety-SFT adapter in {self.adapter_dir} was trained on another model "
                                   "(weights digest differs); train it on this (compromised) model")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
-            wrapped = attach_adapter(merged, self.adapter_dir)
+        wrapped = attach_adapter(merged, self.adapter_dir)
         wrapped.eval()
         try:
             yield wrapped

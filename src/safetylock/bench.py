@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .baselines import DEFENSES, ITI_ALPHA, SELF_REMINDER
-from .errors import SafetylockError
+from .errors import SafetylockError, check_alpha
 from .evaluate import DEFAULT_TOKENS
 from .files import atomic_file, sha256_text, write_json
 from .judges import DEFAULT_JUDGE
@@ -121,12 +119,10 @@ def parse_alphas(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
         name, sep, values = item.partition("=")
         if not sep or name not in SWEPT:
             raise SafetylockError(f"bad --alphas '{item}'; write DEFENSE=A,B,... with DEFENSE one of {', '.join(SWEPT)}")
-        try:
-            out[name] = tuple(float(v) for v in values.split(",") if v.strip())
-        except ValueError:
-            raise SafetylockError(f"bad --alphas '{item}': the strengths must be numbers") from None
-        if not out[name] or not all(math.isfinite(v) for v in out[name]):
-            raise SafetylockError(f"bad --alphas '{item}': give at least one finite number")
+        out[name] = tuple(check_alpha(v.strip(), f"every strength of --alphas '{item}'")
+                          for v in values.split(",") if v.strip())
+        if not out[name]:
+            raise SafetylockError(f"bad --alphas '{item}': give at least one number")
     return out
 
 
@@ -185,9 +181,7 @@ class _Session:
         from .models import attach_adapter
 
         base = self.plain()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            wrapped = attach_adapter(base, adapter)
+        wrapped = attach_adapter(base, adapter)
         wrapped.eval()
         self.attached = (str(adapter), wrapped)
         return wrapped

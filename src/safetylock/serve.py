@@ -6,7 +6,9 @@ would overwrite a baked bias (LoRA `bias != "none"`, `modules_to_save` over an a
 
 One worker thread owns the model. It takes the oldest waiting request, gathers the other waiting requests for
 the same model (up to `max_batch`), and generates them as one left-padded batch with a KV cache, streaming
-each row's text back to its request as it is produced. A client that goes away only frees its row.
+each row's text back to its request as it is produced. A client that goes away only frees its row. A request
+never fails its batch-mates: its fields are checked before it is queued, a row that fails alone ends alone, and
+a batch that fails as a whole is rerun one request at a time.
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ import torch
 from fastapi import Request  # at module level: FastAPI resolves endpoint annotations from these globals
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import SafetylockError
+from .errors import SafetylockError, check_alpha
 from .generate import eos_token_ids, model_device
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 DEFAULT_MAX_TOKENS = 256
+# A chat request is text; 1 MiB is ~250k tokens, far past any context this serves, and caps what one
+# request can make the server buffer and tokenize before the context check turns it away.
+MAX_BODY_BYTES = 1 << 20
+# torch.Generator.manual_seed takes any 64-bit value, signed or unsigned; anything wider raises in the worker.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 BENCH_PROMPTS = (
     "Write a Python function that reverses a string.",
     "Explain what a hash map is in two sentences.",
@@ -90,16 +97,20 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The fields of `POST /v1/chat/completions` the server honours; every other field is ignored."""
+    """The fields of `POST /v1/chat/completions` the server honours; every other field is ignored.
 
-    model_config = ConfigDict(extra="ignore")
+    Every number is checked here, per request, so that a value the worker cannot use is this request's 400
+    and never an error in the batch it would have joined.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
@@ -227,7 +238,8 @@ class Metrics:
         metric("batch_size_max", "gauge", "Largest batch run so far.", [("", s["max_batch_size"])])
         metric("queue_depth", "gauge", "Requests waiting for the worker.", [("", s["queue_depth"])])
         metric("stream_disconnects_total", "counter", "Streams the client left early.", [("", s["stream_disconnects"])])
-        metric("generation_errors_total", "counter", "Batches that failed in the model.", [("", s["generation_errors"])])
+        metric("generation_errors_total", "counter", "Failed generations (a batch, or one request in it).",
+               [("", s["generation_errors"])])
         for key, name in (("latency_s", "request_latency_seconds"), ("time_to_first_token_s", "time_to_first_token_seconds")):
             q = s[key]
             samples = [(f'{{quantile="{p}"}}', q[k] if q[k] is not None else "NaN") for p, k in (("0.5", "p50"), ("0.95", "p95"))]
@@ -274,6 +286,14 @@ class Job:
     emit: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    heard: bool = False  # it got an event: a retry would repeat text it already has
+    answered: bool = False  # it got its last event (done or error)
+
+    def send(self, event: Event) -> None:
+        """Pass `event` to the request, remembering how far its answer has got."""
+        self.heard = True
+        self.answered = event.kind != "delta"
+        self.emit(event)
 
 
 @dataclass
@@ -347,6 +367,7 @@ class Engine:
     ) -> None:
         if max_batch < 1:
             raise SafetylockError("max_batch must be at least 1")
+        alpha = None if alpha is None else check_alpha(alpha, "--alpha")  # -3 would bake an unlock
         self.base = model
         self.tokenizer = tokenizer
         self.lock = lock
@@ -381,7 +402,7 @@ class Engine:
             self._hooks.enter_context(lock.applied(model, alpha=self.alpha, conditional=True, force=force))
             self._hook_count = _pre_hook_count(model)
         else:
-            self._protected = self._bake(lock, alpha, force)
+            self._protected = self._bake(lock, self.alpha, force)
         model.eval()
         self._worker = threading.Thread(target=self._run, name="safetylock-serve-worker", daemon=True)
         self._worker.start()
@@ -394,6 +415,8 @@ class Engine:
         from .lock import Lock
         from .models import load_model
 
+        if alpha is not None:  # before the model loads, which takes minutes for a real one
+            alpha = check_alpha(alpha, "--alpha")
         lock = Lock.load(Path(lock_path))
         model, tokenizer = load_model(spec, dtype=dtype, device=device)
         served = name or (Path(spec).name if Path(spec).expanduser().exists() else spec)
@@ -426,7 +449,8 @@ class Engine:
 
     def lock_info(self) -> dict[str, Any]:
         metadata = getattr(self.lock, "metadata", {}) or {}
-        return {"locked": True, "alpha": self.alpha, "fingerprint": metadata.get("fingerprint"),
+        fingerprint = {k: v for k, v in (metadata.get("fingerprint") or {}).items() if k != "sketch"}  # 3 KB of floats
+        return {"locked": True, "alpha": self.alpha, "fingerprint": fingerprint,
                 "baked_parameters": len(self._protected), "conditional": self.conditional}
 
     # -- adapters ---------------------------------------------------------------------------------------
@@ -559,7 +583,7 @@ class Engine:
             waiting, self._pending = self._pending, []
             self._cv.notify_all()
         for job in waiting:
-            job.emit(Event("error", "the server is shutting down"))
+            job.send(Event("error", "the server is shutting down"))
         self._worker.join(timeout=30)
         self._hooks.close()
 
@@ -586,17 +610,25 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
-            if not batch:
-                continue
-            try:
-                with self._model_lock:
-                    self.metrics.batch(len(batch))
-                    self._generate(batch)
-            except Exception as exc:  # one bad batch must never take the server down
-                self.metrics.add(generation_errors=1)
-                message = f"generation failed ({type(exc).__name__}: {str(exc)[:200]})"
-                for job in batch:
-                    job.emit(Event("error", message))
+            if batch:
+                self._serve(batch)
+
+    def _serve(self, batch: list[Job]) -> None:
+        """Generate a batch; if it fails, run each request it had not yet answered alone, so only the bad one errors."""
+        try:
+            with self._model_lock:
+                self.metrics.batch(len(batch))
+                self._generate(batch)
+        except Exception as exc:  # one bad batch must never take the server down, nor its other requests
+            self.metrics.add(generation_errors=1)
+            message = f"generation failed ({type(exc).__name__}: {str(exc)[:200]})"
+            for job in batch:
+                if job.answered:
+                    continue
+                if len(batch) > 1 and not job.heard:
+                    self._serve([job])
+                else:  # alone it is the cause; with text already sent a rerun could not take it back
+                    job.send(Event("error", message))
 
     def _model_for(self, name: str) -> tuple[Any, contextlib.AbstractContextManager[Any]]:
         if self.peft is None:
@@ -639,9 +671,14 @@ class Engine:
                     if row.job.cancelled.is_set():
                         row.live = False
                         continue
-                    token = int(chosen[r]) if row.generator is None else self._sample(logits[r], row)
-                    chosen[r] = token
-                    self._advance(row, token)
+                    try:  # a row's own failure ends that row only
+                        token = int(chosen[r]) if row.generator is None else self._sample(logits[r], row)
+                        chosen[r] = token
+                        self._advance(row, token)
+                    except Exception as exc:
+                        row.live = False
+                        self.metrics.add(generation_errors=1)
+                        row.job.send(Event("error", f"generation failed ({type(exc).__name__}: {str(exc)[:200]})"))
                 if not any(row.live for row in rows):
                     break
                 ids = chosen[:, None]
@@ -653,7 +690,10 @@ class Engine:
 
     @staticmethod
     def _sample(logits: torch.Tensor, row: _Row) -> int:
-        probs = torch.softmax(logits / row.job.temperature, dim=-1)
+        # In float64, where every positive temperature is > 0 (1e-300 is 0 in float32), and shifted so the top
+        # logit is 0: a tiny temperature then gives 0 and -inf, not inf - inf = NaN.
+        logits = logits.double()
+        probs = torch.softmax((logits - logits.max()) / row.job.temperature, dim=-1)
         if row.job.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(-1) - sorted_probs < row.job.top_p
@@ -688,13 +728,13 @@ class Engine:
 
     def _emit(self, row: _Row, text: str) -> None:
         if len(text) > row.sent:
-            row.job.emit(Event("delta", text[row.sent:]))
+            row.job.send(Event("delta", text[row.sent:]))
             row.sent = len(text)
 
     @staticmethod
     def _finish(row: _Row, reason: str, counted: int | None = None) -> None:
         row.live = False
-        row.job.emit(Event("done", finish_reason=reason, completion_tokens=counted or len(row.ids)))
+        row.job.send(Event("done", finish_reason=reason, completion_tokens=counted or len(row.ids)))
 
 
 # ---------------------------------------------------------------------------------------------------- app
@@ -702,6 +742,21 @@ class Engine:
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Return the request body, answering 413 for one over `limit` bytes before buffering more than that."""
+    too_large = ApiError(413, f"the request body is over this server's limit of {limit} bytes",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():  # a chunked body declares no length: count what arrives
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 def _event_stream(events: AsyncIterator[str], on_close: Callable[[], None]) -> Any:
@@ -742,17 +797,37 @@ class _CountResponses:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(engine: Engine, admin_token: str | None = None) -> Any:
-    """Return the FastAPI app serving `engine` with OpenAI's chat-completions API."""
+def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+    """Return the FastAPI app serving `engine` with OpenAI's chat-completions API.
+
+    The lock's settings (alpha, fingerprint, baked parameters, mode) are shown only to a request whose
+    `Authorization: Bearer` header carries `admin_token`; any other request, and every request when no admin
+    token is configured, gets the public view: `/health` says only its status, `/v1/models` lists the model
+    ids with `"locked": true`. A wrong token on these read-only routes just gets the public view (OpenAI
+    clients send their API key there); `/admin/adapters` answers 404 without a configured token, 401 without
+    a Bearer header and 403 for a wrong token. `/metrics` holds traffic counters only, no lock settings, and
+    stays public for scrapers and `serve-bench`. Bodies over `max_body_bytes` get 413 before they are parsed.
+    """
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    if max_body_bytes < 1:
+        raise SafetylockError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     app = FastAPI(title="safetylock", docs_url=None, redoc_url=None)
     metrics = engine.metrics
     app.add_middleware(_CountResponses, metrics=metrics)
+    secret = (admin_token or "").encode()
+
+    def bearer(request: Request) -> str | None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return given.strip() if scheme.lower() == "bearer" else None
+
+    def is_admin(request: Request) -> bool:
+        given = bearer(request)
+        return bool(secret) and given is not None and hmac.compare_digest(given.encode(), secret)
 
     def error(exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -775,9 +850,12 @@ def create_app(engine: Engine, admin_token: str | None = None) -> Any:
         return error(ApiError(exc.status_code, str(exc.detail), code=code))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok" if engine.lock_intact() else "lock-damaged", "model": engine.name,
-                "adapters": list(engine.adapters), "lock": engine.lock_info(), "queue_depth": len(engine._pending)}
+    async def health(request: Request) -> dict[str, Any]:
+        status = {"status": "ok" if engine.lock_intact() else "lock-damaged"}
+        if not is_admin(request):  # public liveness: nothing about the lock an attacker could tune against
+            return status
+        return {**status, "model": engine.name, "adapters": list(engine.adapters), "lock": engine.lock_info(),
+                "queue_depth": len(engine._pending)}
 
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
@@ -786,18 +864,19 @@ def create_app(engine: Engine, admin_token: str | None = None) -> Any:
         return PlainTextResponse(metrics.prometheus(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(request: Request) -> dict[str, Any]:
         created = int(metrics.started)
+        lock = engine.lock_info() if is_admin(request) else {"locked": True}
         data = [{"id": n, "object": "model", "created": created, "owned_by": "safetylock",
                  "root": engine.name, "parent": None if n == engine.name else engine.name,
-                 "safetylock": engine.lock_info()} for n in engine.names]
+                 "safetylock": lock} for n in engine.names]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         started = time.perf_counter()
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _read_body(request, max_body_bytes))
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -888,18 +967,17 @@ def create_app(engine: Engine, admin_token: str | None = None) -> Any:
 
         return _event_stream(events(), on_close)
 
-    @app.post("/admin/adapters", include_in_schema=admin_token is not None)
+    @app.post("/admin/adapters", include_in_schema=bool(secret))
     async def add_adapter(request: Request) -> Any:
-        if not admin_token:
+        if not secret:
             raise ApiError(404, "not found", code="not_found")
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
+        if bearer(request) is None:
             raise ApiError(401, "this endpoint needs 'Authorization: Bearer <admin token>'", code="invalid_api_key",
                            kind="authentication_error")
-        if not hmac.compare_digest(header[7:].strip().encode(), admin_token.encode()):
+        if not is_admin(request):
             raise ApiError(403, "the admin token is wrong", code="forbidden", kind="permission_error")
         try:
-            req = AdapterRequest.model_validate(json.loads(await request.body()))
+            req = AdapterRequest.model_validate(json.loads(await _read_body(request, max_body_bytes)))
         except (ValueError, ValidationError) as exc:
             raise ApiError(400, f"expected {{\"name\": ..., \"path\": ...}} ({str(exc).splitlines()[0][:120]})") from None
         if req.name in engine.names:
@@ -918,29 +996,53 @@ def create_app(engine: Engine, admin_token: str | None = None) -> Any:
 # ---------------------------------------------------------------------------------------------- running it
 
 
+def read_admin_token(token: str | None, token_file: Path | None) -> str | None:
+    """Return the admin token given directly or read (stripped) from `token_file`; None when neither is given.
+
+    A file keeps the token out of the process list and shell history; a missing, unreadable or empty file is
+    an error rather than a server that silently runs without admin.
+    """
+    if token_file is None:
+        return token or None
+    if token is not None:
+        raise SafetylockError("give the admin token (--admin-token or SAFETYLOCK_ADMIN_TOKEN) or --admin-token-file, "
+                              "not both")
+    try:
+        text = Path(token_file).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SafetylockError(f"cannot read the admin token file {token_file} ({type(exc).__name__}: {exc})") from None
+    if not text:
+        raise SafetylockError(f"the admin token file {token_file} is empty; put the token on its first line")
+    if "\n" in text:  # a header carries one line: a many-line token could never match
+        raise SafetylockError(f"the admin token file {token_file} has more than one line; keep only the token")
+    return text
+
+
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, admin_token: str | None = None,
+          admin_token_file: Path | None = None, max_body_bytes: int = MAX_BODY_BYTES,
           log_level: str = "warning") -> None:
     """Serve `engine` over HTTP until interrupted, then stop its worker."""
     import uvicorn
 
     try:
-        uvicorn.run(create_app(engine, admin_token=admin_token), host=host, port=port, log_level=log_level,
-                    timeout_graceful_shutdown=5)
+        app = create_app(engine, admin_token=read_admin_token(admin_token, admin_token_file),
+                         max_body_bytes=max_body_bytes)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
         engine.close()
 
 
 @contextlib.contextmanager
-def serve_in_thread(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, admin_token: str | None = None
-                    ) -> Iterator[str]:
+def serve_in_thread(engine: Engine, *, host: str = "127.0.0.1", port: int = 0, admin_token: str | None = None,
+                    max_body_bytes: int = MAX_BODY_BYTES) -> Iterator[str]:
     """Yield the base URL of `engine` served on a background thread; port 0 picks a free port."""
     import uvicorn
 
+    app = create_app(engine, admin_token=admin_token, max_body_bytes=max_body_bytes)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, admin_token=admin_token), log_level="warning",
-                                           lifespan="on", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
