@@ -514,6 +514,8 @@ class Engine:
         """Load a LoRA adapter under `name` after checking it fits the locked base and leaves the lock alone."""
         from peft import PeftModel
 
+        from .models import quiet_peft
+
         if not ADAPTER_NAME.match(name or ""):
             raise SafetylockError(f"adapter name '{name}' is not valid; use letters, digits and . _ : - (at most 64)")
         adapter_dir = Path(path).expanduser()
@@ -527,10 +529,11 @@ class Engine:
                 self.metrics.add(adapters_rejected=1)
                 raise SafetylockError(f"adapter {adapter_dir} does not fit the locked base: {why}")
             try:
-                if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.base, str(adapter_dir), adapter_name=name)
-                else:
-                    self.peft.load_adapter(str(adapter_dir), adapter_name=name)
+                with quiet_peft():
+                    if self.peft is None:
+                        self.peft = PeftModel.from_pretrained(self.base, str(adapter_dir), adapter_name=name)
+                    else:
+                        self.peft.load_adapter(str(adapter_dir), adapter_name=name)
                 self.peft.eval()
             except Exception as exc:
                 self._drop_adapter(name)
@@ -660,9 +663,9 @@ class Engine:
         cache = None
         with context:
             for _ in range(max(j.max_tokens for j in jobs)):
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                             use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+                cache = out.cache
                 logits = out.logits[:, -1, :].float()
                 chosen = logits.argmax(-1)
                 for r, row in enumerate(rows):
