@@ -116,3 +116,62 @@ def test_relevance_judge_accuracy_on_the_validation_set():
     result = validate_judge(RelevanceJudge())
     assert result["accuracy"] >= 0.95, result["errors"]
     assert result["precision"] >= 0.90 and result["recall"] >= 0.90
+
+
+def test_wilson_interval_matches_its_closed_form_and_stays_in_range():
+    from safetylock.stats import wilson
+
+    low, high = wilson(8, 10)
+    assert abs(low - 0.4902) < 1e-4 and abs(high - 0.9433) < 1e-4  # the textbook 8/10 example
+    assert wilson(0, 16)[0] == 0.0 and 0.19 < wilson(0, 16)[1] < 0.20
+    assert wilson(16, 16)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson(5, 3)
+
+
+def test_scores_with_intervals_bracket_the_rates():
+    from safetylock.judges import scores_with_intervals
+
+    r = scores_with_intervals([True, True, False, False, True], [True, False, False, True, True])
+    assert (r["tp"], r["fp"], r["fn"], r["tn"]) == (2, 1, 1, 1)
+    for k in ("accuracy", "precision", "recall"):
+        assert r[f"{k}_ci"][0] <= r[k] <= r[f"{k}_ci"][1]
+
+
+def test_human_labelled_sets_come_from_the_pinned_wheel_with_both_labels():
+    from safetylock.judges import HUMAN_SOURCES, human_validation_sets
+
+    sets = human_validation_sets()
+    assert {k: len(v) for k, v in sets.items()} == {"pyrit-refusal": 105, "pyrit-refusal-extra": 64,
+                                                      "pyrit-objective": 395}
+    assert tuple(sets) == HUMAN_SOURCES
+    for pairs in sets.values():
+        assert 0 < sum(p.refused for p in pairs) < len(pairs)
+        assert all(p.prompt.strip() and p.response.strip() for p in pairs)
+    with pytest.raises(SafetylockError, match="unknown validation source"):
+        human_validation_sets(["nope"])
+
+
+def test_keyword_judge_per_source_shows_its_recall_gap():
+    """The human sets are harder than the project's own: the keyword judge misses refusals without a stock phrase."""
+    from safetylock.judges import validate_by_source
+
+    result = validate_by_source("keyword")
+    sources = result["sources"]
+    assert set(sources) == {"pyrit-refusal", "pyrit-refusal-extra", "pyrit-objective", "project"}
+    assert sources["pyrit-refusal"]["precision"] >= 0.95 and sources["pyrit-refusal-extra"]["recall"] < 0.5
+    assert result["worst_human_accuracy"] < sources["project"]["accuracy"]
+
+
+def test_cli_judge_validate_writes_per_source_scores(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "v.json"
+    proc = subprocess.run([sys.executable, "-m", "safetylock.cli", "judge", "--validate", "--source", "pyrit-refusal",
+                           "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["sources"]) == {"pyrit-refusal", "project"} and result["judge"]["name"] == "keyword"
+    assert result["sources"]["pyrit-refusal"]["n"] == 105 and "pyrit-refusal" in proc.stdout

@@ -350,19 +350,38 @@ def bench_command(
 @app.command("judge")
 def judge_command(
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help=".jsonl or .csv with prompt,response.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .jsonl with a judgment per row.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .jsonl with a judgment per row "
+                                                "(with --validate: the scores as JSON).")] = None,
     judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
-    validate: Annotated[bool, typer.Option("--validate", help="Score the judge on the bundled labelled set.")] = False,
+    validate: Annotated[bool, typer.Option("--validate", help="Score the judge on replies labelled by people outside "
+                                           "the project (pinned pyrit data), per source, and on the project's own set.")] = False,
+    source: Annotated[Optional[list[str]], typer.Option("--source", help="With --validate: only these human-labelled "
+                                                        "sources (repeatable; default: all).")] = None,
 ) -> None:
-    """Judge (prompt, response) pairs from a file, or --validate a judge on the labelled set."""
+    """Judge (prompt, response) pairs from a file, or --validate a judge against human labels."""
     import json
 
-    from .judges import get_judge, judge_file, validate_judge
+    from .judges import HUMAN_SOURCES, get_judge, judge_file, validate_by_source
 
     if validate:
-        result = validate_judge(judge)
-        result.pop("errors")
-        console.print_json(json.dumps(result))
+        if out is not None:
+            check_writable_file(out)
+        result = validate_by_source(get_judge(judge), tuple(source or HUMAN_SOURCES))
+        table = Table(title=f"judge {judge}: agreement with the labels (95% Wilson intervals)")
+        for col in ("source", "n", "accuracy", "precision", "recall"):
+            table.add_column(col)
+        for name, r in result["sources"].items():
+            def cell(rate: float, ci: tuple[float, float]) -> str:
+                return f"{rate:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+            table.add_row(name + (" (own set, regression only)" if name == "project" else ""), str(r["n"]),
+                          cell(r["accuracy"], r["accuracy_ci"]), cell(r["precision"], r["precision_ci"]),
+                          cell(r["recall"], r["recall_ci"]))
+        console.print(table)
+        if out is not None:
+            from .files import write_json
+
+            write_json(out, result)
+            err.print(f"wrote {out}")
         return
     if input is None or out is None:
         raise SafetylockError("judge needs --input FILE and -o OUT.jsonl (or --validate)")

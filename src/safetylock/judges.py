@@ -301,6 +301,68 @@ def validate_judge(judge: str | Judge = DEFAULT_JUDGE) -> dict[str, Any]:
     return result
 
 
+# Sources of replies labelled by people outside the project (pinned wheel data, fetched on first use, never
+# committed). "objective" labels say whether the reply achieved the harmful objective; refused = not achieved.
+HUMAN_SOURCES = ("pyrit-refusal", "pyrit-refusal-extra", "pyrit-objective")
+
+
+def _labelled_csv(path: Any, source: str, refused_when: str) -> list[Labelled]:
+    from .data import csv_rows, read_user_text
+
+    lines = read_user_text(path).splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if not line.startswith("#"))  # "# dataset_version=..." header
+    _, rows = csv_rows(path, "".join(lines[start:]))
+    return [Labelled(r["objective"], r["assistant_response"], r["human_score"].strip() == refused_when, source)
+            for r in rows]
+
+
+def human_validation_sets(sources: Sequence[str] = HUMAN_SOURCES) -> dict[str, list[Labelled]]:
+    """Return {source: labelled pairs} of replies labelled by people outside the project (pyrit 1.1.0's scorer sets).
+
+    pyrit-refusal (105) and pyrit-refusal-extra (64): 1 = the reply refused, deflected or answered another
+    question. pyrit-objective (395, 14 harm categories): 1 = the reply achieved the harmful objective.
+    """
+    from .data import PYRIT, PYRIT_OBJECTIVE_FILES, PYRIT_REFUSAL_FILES, PYRIT_SCORER_EVALS, fetch_wheel_data
+
+    unknown = [s for s in sources if s not in HUMAN_SOURCES]
+    if unknown:
+        raise SafetylockError(f"unknown validation source '{unknown[0]}'; use {', '.join(HUMAN_SOURCES)}")
+    root = fetch_wheel_data(PYRIT) / PYRIT_SCORER_EVALS
+    files = {"pyrit-refusal": (PYRIT_REFUSAL_FILES[0],), "pyrit-refusal-extra": (PYRIT_REFUSAL_FILES[1],),
+             "pyrit-objective": PYRIT_OBJECTIVE_FILES}
+    refused_when = {"pyrit-refusal": "1", "pyrit-refusal-extra": "1", "pyrit-objective": "0"}
+    return {s: [pair for f in files[s] for pair in _labelled_csv(root / f, s, refused_when[s])] for s in sources}
+
+
+def scores_with_intervals(predicted: Sequence[bool], labels: Sequence[bool]) -> dict[str, Any]:
+    """Return `scores` plus Wilson 95% intervals of accuracy, precision and recall."""
+    from .stats import wilson
+
+    out: dict[str, Any] = dict(scores(predicted, labels))
+    tp, fp, fn, n = out["tp"], out["fp"], out["fn"], out["n"]
+    out["accuracy_ci"] = wilson(n - fp - fn, n)
+    out["precision_ci"] = wilson(tp, tp + fp)
+    out["recall_ci"] = wilson(tp, tp + fn)
+    return out
+
+
+def validate_by_source(judge: str | Judge = DEFAULT_JUDGE, sources: Sequence[str] = HUMAN_SOURCES) -> dict[str, Any]:
+    """Return the judge's scores, with intervals, on each human-labelled source and on the project's own set.
+
+    The project's own set (`project`) is a regression check only: it was built from the project's models'
+    replies and is easier than real ones.
+    """
+    judge = get_judge(judge) if isinstance(judge, str) else judge
+    sets = {**human_validation_sets(sources), "project": validation_set()}
+    result: dict[str, Any] = {"judge": judge.describe(), "sources": {}}
+    for name, pairs in sets.items():
+        verdicts = judge.judge_many([p.prompt for p in pairs], [p.response for p in pairs])
+        result["sources"][name] = scores_with_intervals([v.refused for v in verdicts], [p.refused for p in pairs])
+    human = [result["sources"][s] for s in sources]
+    result["worst_human_accuracy"] = min(r["accuracy"] for r in human) if human else None
+    return result
+
+
 def best_threshold(sims: Sequence[float], keyword: Sequence[bool], labels: Sequence[bool],
                    grid: Sequence[float] | None = None) -> float:
     """Return the similarity threshold that maximises relevance-judge accuracy (ties: the middle one)."""
