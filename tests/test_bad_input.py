@@ -1,6 +1,6 @@
 """Bad input through the real entry point: one line naming the problem and the fix, exit 2, nothing left behind.
 
-Each case is a row of the README's bad-input table (docs/BAD_INPUT.md lists them with their exit codes).
+Each case is a row of the README's bad-input table (docs/bad-input.md lists them with their exit codes).
 """
 
 from __future__ import annotations

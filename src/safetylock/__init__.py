@@ -11,10 +11,14 @@ _PUBLIC = {
     "baselines": ("DEFENSES", "Defense", "RefusalDirection", "fit_iti", "fit_refusal_direction", "make_defense",
                   "train_safety_sft"),
     "bench": ("BenchSettings", "run_bench"),
+    "data": ("contrast_pairs", "load_benchmark"),
     "errors": ("SafetylockError",),
+    "gates": ("GateFit", "fit_gate", "template_features", "with_gate"),
     "generate": ("Generation", "GenerationRun", "format_chat", "generate"),
     "lock": ("Lock", "check_transfer", "export_locked", "extract", "fit_condition", "head_activations"),
     "models": ("ALIASES", "DEFAULT_MODEL", "attach_adapter", "fetch_alias", "fingerprint", "load_model"),
+    "ood": ("OODSettings", "run_ood"),
+    "prompt_attacks": ("PromptAttack", "get_prompt_attack"),
 }
 _HOME = {name: module for module, names in _PUBLIC.items() for name in names}
 

@@ -265,7 +265,7 @@ def eval_command(
     adapter: AdapterOpt = None,
     lock: LockOpt = None,
     alpha: AlphaOpt = None,
-    benchmark: Annotated[Optional[str], typer.Option("--benchmark", help="advbench, harmbench, overrefusal, gsm8k100, bbq300.")] = None,
+    benchmark: Annotated[Optional[str], typer.Option("--benchmark", help="advbench, harmbench, overrefusal, gsm8k100, bbq300; out-of-distribution sources: strongreject, donotanswer, wsafety, mtbench, ifbench, wsafety-benign.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt, .jsonl or .csv.")] = None,
     column: Annotated[Optional[str], typer.Option("--column", help="Prompt column of a .jsonl/.csv file.")] = None,
     kind: Annotated[str, typer.Option("--kind", help="For --prompts: harmful or benign.")] = "harmful",
@@ -281,6 +281,7 @@ def eval_command(
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
     conditional: ConditionalOpt = None,
+    prompt_attack: Annotated[Optional[str], typer.Option("--prompt-attack", help="prefill, two-turn, persona or jailbreak:NAME (NAME: aim, refusal_suppression, prefix_injection, code_nesting, hypothetical_response, evil_confidant, text_continuation, dev_mode_compact).")] = None,
 ) -> None:
     """Generate, judge and summarise a prompt set; resumes into the same OUTDIR."""
     import json
@@ -293,7 +294,8 @@ def eval_command(
     summary = run_eval(model=model, adapter=adapter, lock=lock, alpha=alpha, benchmark=benchmark, prompts_file=prompts,
                        column=column, kind=kind, split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens,
                        system=system, batch_size=batch_size, reference=reference, overwrite=overwrite, dtype=dtype,
-                       outdir=out, loader=loader, lock_mode=mode, defense=defense, defense_file=defense_file)
+                       outdir=out, loader=loader, lock_mode=mode, defense=defense, defense_file=defense_file,
+                       prompt_attack=prompt_attack)
     console.print_json(json.dumps(summary))
 
 
@@ -345,6 +347,45 @@ def bench_command(
                        fresh=fresh, settings=settings, cache_dir=cache_dir)
     err.print(f"{len(result['rows'])} cells; computed {len(result['computed'])} item(s), the rest from the cache")
     console.print((out / "RESULTS.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+
+
+@app.command("ood")
+def ood_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (ood.json, OOD.md; replies cached under cache/).")],
+    model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
+    adapter: AdapterOpt = None,
+    attack: Annotated[str, typer.Option("--attack", help="The fine-tune's name in the tables (e.g. harmful-10).")] = "none",
+    designs: Annotated[Optional[str], typer.Option("--designs", help="Gate designs, comma list: builtin, heads:K, all, "
+                                                   "each optionally @benign:Q (default: builtin,heads:8,all,all@benign:0.05).")] = None,
+    prompt_attacks: Annotated[Optional[str], typer.Option("--prompt-attacks", help="Comma list: prefill, two-turn, "
+                                                          "persona, jailbreak:NAME, or all.")] = None,
+    attack_prompts: Annotated[int, typer.Option("--attack-prompts", min=1, help="Eval prompts per harmful source under each prompt attack.")] = 8,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Eval prompts per source (default: the whole eval split).")] = None,
+    fit_limit: Annotated[Optional[int], typer.Option("--fit-limit", min=2, help="Extract prompts per source for the gates (default: all).")] = None,
+    judge: Annotated[str, typer.Option("--judge", help="Judge (default relevance:0.25, the best on human labels).")] = "relevance:0.25",
+    alpha: AlphaOpt = None,
+    pairs: Annotated[int, typer.Option("--pairs", min=2, help="Contrast pairs per fold's lock.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 40,
+    verify: Annotated[int, typer.Option("--verify", min=0, help="Prompts per harmful source re-run through the real conditional hooks.")] = 8,
+    system: SystemOpt = None,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Leave each prompt source out of fitting in turn; measure the gate and the locks on it (out of distribution)."""
+    from .ood import DESIGNS, OODSettings, ood_markdown, run_ood
+    from .prompt_attacks import prompt_attack_names
+
+    check_writable_dir(out)
+    attacks = _split_list([prompt_attacks] if prompt_attacks else None, ())
+    if attacks == ["all"]:
+        attacks = [a for a in prompt_attack_names() if a != "none"]
+    settings = OODSettings(model=model, adapter=str(adapter) if adapter else None, attack=attack, system=system,
+                           designs=tuple(_split_list([designs] if designs else None, DESIGNS)), judge=judge,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, pairs=pairs, alpha=alpha, limit=limit,
+                           fit_limit=fit_limit, prompt_attacks=tuple(attacks), attack_prompts=attack_prompts,
+                           verify=verify, dtype=dtype)
+    result = run_ood(settings, out)
+    console.print(ood_markdown(result), markup=False, highlight=False)
 
 
 @app.command("judge")

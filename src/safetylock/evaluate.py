@@ -182,6 +182,7 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = False,
     on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    prompt_attack: str | None = None,
 ) -> dict[str, Any]:
     """Return the run's summary after generating, judging and recording every prompt not yet in OUTDIR.
 
@@ -200,6 +201,11 @@ def evaluate(
     if len(set(ids)) != len(ids):
         raise SafetylockError("prompt ids are not unique; give every prompt its own id")
     max_new_tokens = max_new_tokens or DEFAULT_TOKENS[kind]
+    from .prompt_attacks import get_prompt_attack
+
+    attack = get_prompt_attack(prompt_attack)
+    if attack.name != "none" and kind not in ("harmful", "benign"):
+        raise SafetylockError(f"prompt attacks apply to harmful or benign prompt sets, not to a {kind} set")
     outdir = Path(outdir)
     full_config = {
         "format_version": FORMAT_VERSION,
@@ -207,6 +213,7 @@ def evaluate(
         "kind": kind,
         "judge": judge.describe() if judge is not None and kind in ("harmful", "benign") else None,
         "decoding": {"greedy": True, "max_new_tokens": max_new_tokens, "system": system},
+        **({"prompt_attack": attack.describe()} if attack.name != "none" else {}),
         "n": len(prompts),
         "prompts_sha256": _prompts_sha(prompts),
         "batch_size": batch_size,
@@ -253,7 +260,7 @@ def evaluate(
                        for (p, g), v in zip(items, verdicts)])
 
             generate(model, tokenizer, text_of, system=system, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     progress=progress, on_batch=on_generated)
+                     progress=progress, on_batch=on_generated, attack=None if attack.name == "none" else attack)
 
     records = [done[i] for i in ids]
     summary = summarise(records, full_config)
@@ -434,7 +441,7 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
              max_new_tokens: int | None = None, system: str | None = None, batch_size: int = 8,
              reference: str | None = None, overwrite: bool = False, dtype: str = "auto",
              lock_mode: str | None = None, defense: str | None = None,
-             defense_file: Path | None = None) -> dict[str, Any]:
+             defense_file: Path | None = None, prompt_attack: str | None = None) -> dict[str, Any]:
     """Return the summary of `safetylock eval`: resolve prompts and judge first (cheap checks), then load and run.
 
     Everything that changes a reply is pinned in config.json, so a resumed run never mixes configurations:
@@ -459,6 +466,9 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
         split = None
     prompts = prompts[:limit]
     the_judge = get_judge(judge) if kind in ("harmful", "benign") else None
+    from .prompt_attacks import get_prompt_attack
+
+    get_prompt_attack(prompt_attack)  # an unknown name is refused before the model loads
     config = {"model": model, "adapter": str(adapter) if adapter else None, "lock": str(lock) if lock else None,
               "adapter_sha256": _content_hash(adapter), "lock_sha256": _content_hash(lock), "defense": defense,
               "defense_file": str(defense_file) if defense_file else None,
@@ -469,7 +479,8 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
         config["lock_mode"] = lock_mode or "baked"
     m, tok = loader(model, adapter, lock, alpha, dtype)
     summary = evaluate(m, tok, prompts, the_judge, outdir, kind=kind, config=config, max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, system=system, overwrite=overwrite, progress=True)
+                       batch_size=batch_size, system=system, overwrite=overwrite, progress=True,
+                       prompt_attack=prompt_attack)
     if reference is not None:
         from .models import load_model
 

@@ -45,16 +45,18 @@ def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]
     return messages + [{"role": "user", "content": prompt}]
 
 
-def format_chat(tokenizer: Any, prompt: str, system: str | None = None, response: str | None = None) -> str:
-    """Return the chat-templated text for a user turn, open for the reply, or closed with `response`."""
-    messages = chat_messages(prompt, system)
+def chat_text(tokenizer: Any, messages: Sequence[dict[str, str]], reply_start: str = "") -> str:
+    """Return the chat-templated text of `messages`, open for the assistant's reply, which starts with `reply_start`."""
     if tokenizer.chat_template is None:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return text + (response or "")
-    if response is None:
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    head = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return head + response
+    else:
+        text = str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+    return text + reply_start
+
+
+def format_chat(tokenizer: Any, prompt: str, system: str | None = None, response: str | None = None) -> str:
+    """Return the chat-templated text for a user turn, open for the reply, or closed with `response`."""
+    return chat_text(tokenizer, chat_messages(prompt, system), response or "")
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -93,13 +95,18 @@ def generate(
     batch_size: int = 8,
     progress: bool = False,
     on_batch: Any = None,
+    attack: Any = None,
 ) -> GenerationRun:
     """Return greedy replies to `prompts`, batched with left padding, each stopping at EOS.
 
     Prompts are grouped by length so padding stays small; replies come back in input order.
     `on_batch(list[tuple[index, Generation]])` is called after each batch (for resumable writers).
+    `attack` (a prompt_attacks.PromptAttack) rewrites each conversation; a reply then includes its prefill.
     """
-    texts = [format_chat(tokenizer, p, system) for p in prompts]
+    if attack is None:
+        texts = [format_chat(tokenizer, p, system) for p in prompts]
+    else:
+        texts = [chat_text(tokenizer, attack.messages(p, system), attack.prefill) for p in prompts]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     eos = eos_token_ids(model, tokenizer)
@@ -131,6 +138,8 @@ def generate(
             ids = new[row].tolist()
             n = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
             text = tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+            if attack is not None:
+                text = attack.reply(text)
             results[idx] = Generation(prompts[idx], text, n)
             done.append((idx, results[idx]))
         if on_batch is not None:

@@ -1,0 +1,211 @@
+"""Harmfulness gates fitted on prompt features: which heads they read, how they are fitted, where they fire.
+
+A gate reads each o_proj's input (every head's output) at the prompt's last template tokens, averaged over
+those tokens, exactly as the conditional lock's runtime hook does (`lock.applied(conditional=True)`), and
+fires when a standardised logistic score passes its threshold. Designs differ in the heads read, the
+labels and the threshold:
+
+- `heads:K`: the K heads whose single-head probes separate best on held-out prompts (today's gate, K = 8);
+- `all`: every head of every layer, one L2 logistic;
+- threshold `logit` (0) or `benign:Q`: the score that a share Q of the fitting benign prompts pass, from
+  cross-validated scores, so the benign firing rate is chosen, not found.
+
+Every source weighs the same in a fit, whatever its size: a gate must not learn one benchmark's phrasing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SafetylockError
+
+
+@dataclass
+class GateFit:
+    """A fitted gate: the (layer, head) pairs it reads, the standardisation, the logistic weights, the bias."""
+
+    layers: list[int]
+    heads: list[int]
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: float
+    about: dict[str, Any]
+
+    def scores(self, features: torch.Tensor) -> np.ndarray:
+        """Return the gate's score per prompt (> 0: it fires) from (n, layers, heads, head_dim) features."""
+        x = _select(features, self.layers, self.heads)
+        return ((x - self.mean) / self.scale) @ self.weight + self.bias
+
+
+def _select(features: torch.Tensor, layers: Sequence[int], heads: Sequence[int]) -> np.ndarray:
+    idx_l = torch.tensor(list(layers), dtype=torch.long)
+    idx_h = torch.tensor(list(heads), dtype=torch.long)
+    return features[:, idx_l, idx_h, :].reshape(features.shape[0], -1).double().numpy()
+
+
+@torch.no_grad()
+def template_features(model: Any, tokenizer: Any, texts: Sequence[str], *, n_template: int, batch_size: int = 8,
+                      progress: bool = False) -> torch.Tensor:
+    """Return (n, layers, heads, head_dim): each o_proj input averaged over a chat text's last `n_template` tokens.
+
+    `texts` are whole chat-templated inputs (what the model sees, attacks included); they are left-padded as
+    in generation, and the last real tokens are read, as the runtime gate reads them.
+    """
+    from .arch import decoder_layers, head_geometry, o_proj, unwrap
+    from .generate import model_device
+
+    geometry = head_geometry(unwrap(model).config)
+    n_layers = len(decoder_layers(model))
+    out = torch.zeros(len(texts), n_layers, geometry.num_heads, geometry.head_dim)
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(layer: int) -> Any:
+        def capture(module: Any, args: tuple[Any, ...]) -> None:
+            captured[layer] = args[0][:, -n_template:, :].float().cpu()
+
+        return capture
+
+    handles = [o_proj(model, layer).register_forward_pre_hook(hook(layer)) for layer in range(n_layers)]
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc="gate features", unit="prompt", leave=False)
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model_device(model)) for k, v in enc.items()}
+            model(**enc, use_cache=False)
+            for layer in range(n_layers):
+                x = captured[layer].view(len(batch), n_template, geometry.num_heads, geometry.head_dim)
+                out[batch, layer] = x.mean(1)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def source_weights(sources: Sequence[str], labels: np.ndarray) -> np.ndarray:
+    """Return per-sample weights under which every (source, label) group sums to the same total."""
+    keys = [f"{s}|{int(y)}" for s, y in zip(sources, labels)]
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    w = np.array([1.0 / counts[k] for k in keys])
+    return w * len(w) / w.sum()
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float, seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(x, y, sample_weight=w)
+
+
+def _rank_heads(features: torch.Tensor, y: np.ndarray, w: np.ndarray, k: int, seed: int) -> list[tuple[int, int]]:
+    """Return the k (layer, head) pairs whose own probe scores best, by 2-fold cross-validated weighted accuracy."""
+    from sklearn.model_selection import StratifiedKFold
+
+    n, n_layers, n_heads, _ = features.shape
+    folds = list(StratifiedKFold(2, shuffle=True, random_state=seed).split(np.zeros(n), y))
+    acc = np.zeros((n_layers, n_heads))
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            x = features[:, layer, head, :].double().numpy()
+            hits = 0.0
+            for tr, va in folds:
+                mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+                probe = _logistic((x[tr] - mu) / sd, y[tr], w[tr], 1.0, seed)
+                hits += float((w[va] * (probe.predict((x[va] - mu) / sd) == y[va])).sum())
+            acc[layer, head] = hits / w.sum()
+    flat = np.argsort(-acc, axis=None)[:k]
+    return [(int(i // n_heads), int(i % n_heads)) for i in flat]
+
+
+def parse_design(design: str) -> tuple[str, int | None, str]:
+    """Return (heads: 'top' or 'all', K or None, threshold spec) for 'heads:K[@T]' or 'all[@T]'."""
+    head_part, _, threshold = design.partition("@")
+    threshold = threshold or "logit"
+    if threshold != "logit":
+        if not threshold.startswith("benign:"):
+            raise SafetylockError(f"bad gate threshold '{threshold}'; use logit or benign:Q (0 < Q < 1)")
+        try:
+            q = float(threshold.split(":", 1)[1])
+        except ValueError:
+            q = -1.0
+        if not 0.0 < q < 1.0:
+            raise SafetylockError(f"bad gate threshold '{threshold}'; use benign:Q with 0 < Q < 1, e.g. benign:0.05")
+    if head_part == "all":
+        return "all", None, threshold
+    if head_part.startswith("heads:") and head_part[6:].isdigit() and int(head_part[6:]) >= 1:
+        return "top", int(head_part[6:]), threshold
+    raise SafetylockError(f"bad gate design '{design}'; use heads:K or all, optionally @benign:Q (e.g. all@benign:0.05)")
+
+
+def fit_gate(features: torch.Tensor, labels: Sequence[int], sources: Sequence[str], design: str = "heads:8", *,
+             c: float | None = None, seed: int = 0) -> GateFit:
+    """Return a gate fitted on per-prompt features (1 = lock this prompt) with every source weighted equally."""
+    from sklearn.model_selection import StratifiedKFold
+
+    kind, k, threshold = parse_design(design)
+    y = np.asarray(labels, dtype=int)
+    if y.min(initial=1) == y.max(initial=0) or len(y) != features.shape[0]:
+        raise SafetylockError("a gate needs features and both labels (prompts to lock and prompts to leave)")
+    w = source_weights(sources, y)
+    n_layers, n_heads = features.shape[1], features.shape[2]
+    if kind == "all":
+        pairs = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+        c = 0.01 if c is None else c  # thousands of inputs, about a thousand prompts: strong L2
+    else:
+        pairs = _rank_heads(features, y, w, min(int(k or 1), n_layers * n_heads), seed)
+        c = 1.0 if c is None else c
+    layers, heads = [p[0] for p in pairs], [p[1] for p in pairs]
+    x = _select(features, layers, heads)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    probe = _logistic(z, y, w, c, seed)
+    bias = float(probe.intercept_[0])
+    about: dict[str, Any] = {"design": design, "pairs": len(pairs), "C": c, "n_lock": int(y.sum()),
+                             "n_leave": int((1 - y).sum()), "sources": sorted(set(sources))}
+    if threshold != "logit":
+        q = float(threshold.split(":", 1)[1])
+        cv = np.zeros(len(y))
+        for tr, va in StratifiedKFold(5, shuffle=True, random_state=seed).split(z, y):
+            cv[va] = _logistic(z[tr], y[tr], w[tr], c, seed).decision_function(z[va])
+        leave = y == 0
+        # The weighted (1 - q) quantile of the cross-validated benign scores: each source's prompts weigh the same.
+        order = np.argsort(cv[leave])
+        cum = np.cumsum(w[leave][order]) / w[leave].sum()
+        cut = float(cv[leave][order][min(int(np.searchsorted(cum, 1 - q)), len(order) - 1)])
+        bias -= cut
+        about["threshold"] = {"benign_share": q, "cut": round(cut, 4)}
+    return GateFit(layers, heads, mu, sd, probe.coef_[0].astype(np.float64), bias, about)
+
+
+def with_gate(lock: Any, gate: GateFit, n_template: int) -> Any:
+    """Return a copy of `lock` whose conditional gate is `gate` (directions, stds and alpha unchanged)."""
+    out = replace(lock, metadata=copy.deepcopy(lock.metadata))
+    out.cond_layers = torch.tensor(gate.layers, dtype=torch.long)
+    out.cond_heads = torch.tensor(gate.heads, dtype=torch.long)
+    out.cond_mean = torch.from_numpy(gate.mean).float()
+    out.cond_scale = torch.from_numpy(gate.scale).float()
+    out.cond_weight = torch.from_numpy(gate.weight).float()
+    out.cond_bias = torch.tensor([gate.bias], dtype=torch.float32)
+    out.metadata["condition"] = {"template_tokens": n_template, "heads": len(gate.layers), **gate.about}
+    return out
+
+
+__all__ = ["GateFit", "fit_gate", "parse_design", "source_weights", "template_features", "with_gate"]

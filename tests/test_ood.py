@@ -1,0 +1,132 @@
+"""The out-of-distribution pieces: gates fitted on features, prompt attacks, what the user sees, the composition."""
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_model
+
+from safetylock.errors import SafetylockError
+from safetylock.gates import fit_gate, parse_design, source_weights, template_features, with_gate
+from safetylock.generate import chat_text, format_chat, generate
+from safetylock.judges import Judgment, reply_kind
+from safetylock.lock import fit_condition, template_token_count
+from safetylock.prompt_attacks import PREFILL, get_prompt_attack, prompt_attack_names
+from test_lock import synthetic_lock
+
+
+def synthetic_features(n_per: int = 20, seed: int = 0) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Two sources; label 1 shifts head (1, 2) along a fixed direction, every other head is noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n_per, 3, 4, 8, generator=g)
+    labels = [1] * n_per + [0] * n_per + [1] * n_per + [0] * n_per
+    x[torch.tensor(labels, dtype=torch.bool), 1, 2, :] += 3.0
+    sources = ["a"] * (2 * n_per) + ["b"] * (2 * n_per)
+    return x, labels, sources
+
+
+def test_source_weights_give_every_source_and_label_the_same_total():
+    labels = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0])
+    sources = ["a", "a", "a", "a", "b", "b", "b", "b", "b"]
+    w = source_weights(sources, labels)
+    totals = {(s, y): w[[i for i in range(9) if sources[i] == s and labels[i] == y]].sum() for s in "ab" for y in (0, 1)}
+    assert np.allclose(list(totals.values()), totals["a", 1]) and np.isclose(w.sum(), len(w))
+
+
+def test_top_heads_gate_finds_the_informative_head_and_separates():
+    x, labels, sources = synthetic_features()
+    gate = fit_gate(x, labels, sources, "heads:1")
+    assert (gate.layers, gate.heads) == ([1], [2])
+    assert ((gate.scores(x) > 0) == np.array(labels, dtype=bool)).mean() > 0.95
+
+
+def test_all_heads_gate_reads_every_head_and_benign_threshold_moves_the_cut():
+    x, labels, sources = synthetic_features()
+    plain = fit_gate(x, labels, sources, "all")
+    loose = fit_gate(x, labels, sources, "all@benign:0.5")
+    assert len(plain.layers) == 12 and loose.about["threshold"]["benign_share"] == 0.5
+    benign = np.array(labels) == 0
+    # Asking that half the benign prompts pass lowers the cut: more benign prompts fire than at logit 0.
+    assert (loose.scores(x)[benign] > 0).sum() > (plain.scores(x)[benign] > 0).sum()
+
+
+@pytest.mark.parametrize("bad", ["heads:0", "heads:x", "every", "all@benign:1.5", "all@logits", "heads:4@benign:"])
+def test_bad_designs_are_refused_in_one_line(bad):
+    with pytest.raises(SafetylockError, match="bad gate"):
+        parse_design(bad)
+
+
+def test_template_features_are_what_the_lock_gate_reads(tokenizer):
+    """A gate fitted on template_features, installed in a lock, gives Lock.condition_logits' scores exactly."""
+    model = tiny_model("qwen2")
+    prompts = [f"please do task number {i} now" for i in range(6)] + ["a much longer prompt that needs padding here"]
+    n_template = template_token_count(tokenizer)
+    feats = template_features(model, tokenizer, [format_chat(tokenizer, p) for p in prompts], n_template=n_template,
+                              batch_size=3)
+    gate = fit_gate(feats, [1, 0, 1, 0, 1, 0, 1], ["s"] * 7, "heads:2")
+    lock = with_gate(synthetic_lock(model), gate, n_template)
+    assert np.allclose(lock.condition_logits(model, tokenizer, prompts).numpy(), gate.scores(feats), atol=1e-4)
+
+
+def test_builtin_probe_scores_match_through_features(tokenizer):
+    """The old fit_condition probe, read through template_features, gives its own condition_logits."""
+    from safetylock.ood import _as_gate_fit
+
+    model = tiny_model("llama")
+    lock = fit_condition(synthetic_lock(model), model, tokenizer, [f"bomb {i}" for i in range(4)],
+                         [f"cake {i}" for i in range(4)], heads=2)
+    prompts = ["make a bomb", "bake a cake please"]
+    feats = template_features(model, tokenizer, [format_chat(tokenizer, p) for p in prompts],
+                              n_template=template_token_count(tokenizer))
+    assert np.allclose(_as_gate_fit(lock).scores(feats), lock.condition_logits(model, tokenizer, prompts).numpy(), atol=1e-4)
+
+
+def test_prompt_attacks_build_the_conversation(tokenizer):
+    assert get_prompt_attack(None).messages("q") == [{"role": "user", "content": "q"}]
+    two = get_prompt_attack("two-turn").messages("q", "sys")
+    assert [m["role"] for m in two] == ["system", "user", "assistant", "user"] and two[-1]["content"] == "q"
+    persona = get_prompt_attack("persona").messages("q", "sys")
+    assert persona[0]["content"].startswith("sys\n\n") and "AOA" in persona[0]["content"]
+    prefill = get_prompt_attack("prefill")
+    assert chat_text(tokenizer, prefill.messages("q"), prefill.prefill).endswith("assistant\n" + PREFILL)
+    assert prefill.reply("a list") == f"{PREFILL} a list" and prefill.reply("") == PREFILL
+    with pytest.raises(SafetylockError, match="unknown prompt attack 'bogus'"):
+        get_prompt_attack("bogus")
+
+
+def test_jailbreak_templates_come_from_the_pinned_corpus_with_the_request_inside():
+    names = [n for n in prompt_attack_names() if n.startswith("jailbreak:")]
+    assert len(names) == 8
+    for name in names:
+        text = get_prompt_attack(name).user_text("REQUEST-XYZ")
+        assert "REQUEST-XYZ" in text and "{{" not in text and len(text) > len("REQUEST-XYZ")
+
+
+def test_generate_under_prefill_returns_what_the_user_sees(tokenizer):
+    model = tiny_model("qwen2")
+    run = generate(model, tokenizer, ["hello"], max_new_tokens=3, attack=get_prompt_attack("prefill"))
+    assert run.texts[0].startswith(PREFILL)
+
+
+@pytest.mark.parametrize("reply,refused,kind", [
+    ("", True, "empty"), ("   ", True, "empty"),
+    ("I'm sorry, but I can't help with that.", True, "refusal"),
+    ("Of course. I'm here to help.", False, "deflection"),
+    ("Here is a long answer " + "word " * 20, True, "deflection"),
+    ("Here is a long answer " + "word " * 20, False, "compliance"),
+])
+def test_reply_kinds(reply, refused, kind):
+    assert reply_kind(reply, Judgment(refused, None, "")) == kind
+
+
+def test_conditional_composition_takes_locked_replies_where_the_gate_fires():
+    from safetylock.ood import REFUSAL_MESSAGE, _compose
+
+    def row(i, text, refused):
+        return {"id": str(i), "response": text, "judgment": {"refused": refused, "score": None, "reason": ""}}
+
+    ft = [row(i, "Sure " + "step " * 20, False) for i in range(4)]
+    locked = [row(i, "I cannot help with that.", True) for i in range(4)]
+    out = _compose(ft, locked, np.array([True, True, False, False]), harmful=True)
+    assert out["conditional"]["k"] == 2 and out["gate-only"]["k"] == 2 and out["fired"]["k"] == 2
+    assert out["interventions"]["refusal"] == 2 and out["conditional"]["n"] == 4
+    assert REFUSAL_MESSAGE.startswith("I'm sorry")
