@@ -16,6 +16,13 @@ what it did before once the block exits (hooks removed, baked biases restored, c
 |                   | to that layer's output at every position                                         |                       |
 | self-reminder     | a safety system prompt (Xie et al. 2023), `SELF_REMINDER`                         | -                     |
 | safety-sft        | LoRA fine-tuning of the compromised model on refusals of extract-split prompts    | peft adapter + JSON   |
+| resta             | RESTA (Bhardwaj et al. 2024): alpha * (aligned - harmful fine-tune) added to the  | vector .safetensors   |
+|                   | weights, optional DARE of the fine-tune's delta (`repair`)                        |                       |
+| safe-lora         | Safe LoRA (Hsu et al. 2024): LoRA updates projected on aligned - harmful where    | vector .safetensors   |
+|                   | their cosine to the projection is below alpha (`repair`)                          |                       |
+| gate-refusal      | the conditional lock's gate alone: a flagged prompt gets a fixed refusal message  | lock .safetensors     |
+| guard             | the base as a zero-shot prompt screen; flagged prompts get a fixed refusal        | guard .safetensors    |
+|                   | (`guard`, `screen.forced_reply`)                                                  |                       |
 
 Every artifact is safetensors plus JSON metadata naming the model it was fitted on (its fingerprint);
 loading refuses a file of another format or version, applying refuses a model of another shape.
@@ -42,7 +49,8 @@ from .errors import SafetylockError, check_alpha
 from .files import read_tagged_safetensors, sha256_file, sha256_text, write_json, write_tagged_safetensors
 from .lock import DEFAULT_ALPHA, SHAPE_KEYS, Lock, Pair, extract, split_pairs
 
-DEFENSES = ("none", "safetylock", "safetylock-conditional", "iti", "refusal-direction", "self-reminder", "safety-sft")
+DEFENSES = ("none", "safetylock", "safetylock-conditional", "iti", "refusal-direction", "self-reminder", "safety-sft",
+            "resta", "safe-lora", "guard", "gate-refusal")
 DIRECTION_FORMAT = "safetylock.refusal-direction"
 DIRECTION_VERSION = 1
 SFT_MARKER = "safety_sft.json"
@@ -128,6 +136,54 @@ class LockDefense(Defense):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "conditional": self.conditional, "default_alpha": self.default_alpha,
                 "heads": len(self.lock)}
+
+
+class GateRefusal(Defense):
+    """Gate-only refusal: the lock's harmfulness gate decides, and a flagged prompt gets a fixed refusal message;
+    nothing is steered. The honest baseline the conditional lock's gate enables on its own."""
+
+    name = "gate-refusal"
+
+    def __init__(self, lock: Lock, tokenizer: Any = None, message: str | None = None) -> None:
+        if not lock.has_condition:
+            raise SafetylockError("gate-refusal needs a lock with a harmfulness gate; extract it with --conditional")
+        from .screen import REFUSAL_MESSAGE
+
+        self.lock = lock
+        self.tokenizer = tokenizer
+        self.message = message or REFUSAL_MESSAGE
+        self.last: Any = None
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from .models import model_source
+
+            name = self.lock.fingerprint.get("name")
+            if not name:
+                raise SafetylockError("this lock does not name its model; pass the tokenizer to GateRefusal")
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_source(str(name))))
+        return self.tokenizer
+
+    @contextlib.contextmanager
+    def applied(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
+        from .lock.gate import gate_logits_on_ids
+        from .screen import forced_reply
+
+        self.lock.validate(model, force=True)
+
+        def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return gate_logits_on_ids(self.lock, model, ids, mask) > 0
+
+        with forced_reply(model, self._tokenizer(), decide, self.message) as screen:
+            self.last = screen
+            yield model
+
+    def describe(self) -> dict[str, Any]:
+        screen = self.last
+        return {"name": self.name, "message": self.message, "gate": self.lock.metadata.get("condition", {}).get("design", "builtin"),
+                "seconds_per_prompt": screen.seconds_per_prompt if screen is not None else None}
 
 
 class ITIDefense(Defense):
@@ -494,7 +550,10 @@ def make_defense(name: str, artifact: str | Path | None = None, *, conditional: 
     if name not in DEFENSES:
         raise SafetylockError(f"unknown defense '{name}'; known: {', '.join(DEFENSES)}")
     needs = {"safetylock": "a lock file", "safetylock-conditional": "a lock file with a harmfulness probe", "iti": "an ITI lock file (fit_iti)",
-             "refusal-direction": "a refusal-direction file", "safety-sft": "a safety-SFT adapter directory"}
+             "refusal-direction": "a refusal-direction file", "safety-sft": "a safety-SFT adapter directory",
+             "resta": "a RESTA safety-vector file (repair.fit_resta)",
+             "safe-lora": "a Safe LoRA safety-vector file (repair.fit_safe_lora)", "guard": "a guard file (guard.fit_guard)",
+             "gate-refusal": "a lock file with a harmfulness gate"}
     if name in needs and artifact is None:
         raise SafetylockError(f"defense '{name}' needs {needs[name]}; pass --defense-file PATH")
     if name == "none":
@@ -510,6 +569,17 @@ def make_defense(name: str, artifact: str | Path | None = None, *, conditional: 
         return ITIDefense(Lock.load(artifact))
     if name == "refusal-direction":
         return RefusalDirectionDefense(RefusalDirection.load(artifact))
+    if name in ("resta", "safe-lora"):
+        from .repair import RestaDefense, SafeLoraDefense, SafetyVector
+
+        vector = SafetyVector.load(artifact)
+        return RestaDefense(vector) if name == "resta" else SafeLoraDefense(vector)
+    if name == "gate-refusal":
+        return GateRefusal(Lock.load(artifact))
+    if name == "guard":
+        from .guard import GuardDefense
+
+        return GuardDefense.load(artifact)
     return SafetySFT(artifact)
 
 

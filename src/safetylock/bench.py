@@ -2,7 +2,9 @@
 
 For each base model, every attack fine-tunes a LoRA adapter on it ("none" keeps the base; "NAME@STEPS" caps the
 attack's optimizer steps, an attack-strength axis). Each defense's artifact is fitted once: the lock, the ITI
-heads and the refusal direction on the aligned base; the safety-SFT adapter on each compromised model. Each
+heads and the refusal direction on the aligned base; the safety-SFT adapter on each compromised model; RESTA's and
+Safe LoRA's safety vector from the base's own harmful fine-tune (`settings.unaligned`, harmful-100); the guard's
+file names the base as the guard (Safe LoRA, which projects an adapter, skips the attack "none"). Each
 cell (model, attack, defense, alpha) then measures, on the eval splits: harmful rate on harmbench and advbench,
 over-refusal rate on overrefusal, accuracy on gsm8k100 and bbq300, the KL divergence of the first reply token's
 distribution from the base model's (benign prompts), the time to apply the defense and generation tokens/s.
@@ -29,12 +31,15 @@ from .evaluate import DEFAULT_TOKENS
 from .files import atomic_file, sha256_text, write_json
 from .judges import DEFAULT_JUDGE
 from .lock import DEFAULT_ALPHA
+from .repair import RESTA_COEF, SAFE_LORA_THRESHOLD, UNALIGNED_ATTACK, check_threshold
 
 BENCHMARKS = ("harmbench", "advbench", "overrefusal", "gsm8k100", "bbq300")
 DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {"safetylock": (DEFAULT_ALPHA,), "safetylock-conditional": (DEFAULT_ALPHA,), "iti": (ITI_ALPHA,),
-                                                "refusal-direction": (1.0,)}
+                                                "refusal-direction": (1.0,), "resta": (RESTA_COEF,),
+                                                "safe-lora": (SAFE_LORA_THRESHOLD,)}
 SWEPT = tuple(DEFAULT_ALPHAS)
-FITTED = ("safetylock", "safetylock-conditional", "iti", "refusal-direction")  # artifacts fitted on the base
+FITTED = ("safetylock", "safetylock-conditional", "iti", "refusal-direction",  # artifacts fitted on the base
+          "resta", "safe-lora", "guard")  # resta / safe-lora: from the base's harmful fine-tune (settings.unaligned)
 FORMAT_VERSION = 2  # 2: cells run with the attack's system prompt (AOA)
 Loader = Callable[[str], tuple[Any, Any]]
 
@@ -60,6 +65,7 @@ class BenchSettings:
     sft_lr: float = 2e-4
     dtype: str = "auto"
     seed: int = 0
+    unaligned: str = UNALIGNED_ATTACK  # the harmful fine-tune of the base whose update resta and safe-lora reverse
 
     def check(self) -> None:
         for key in ("limit", "max_new_tokens", "math_tokens", "batch_size", "kl_prompts", "pairs", "lock_heads",
@@ -69,6 +75,8 @@ class BenchSettings:
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
         if unknown:
             raise SafetylockError(f"unknown benchmark '{unknown[0]}' for the bench; use some of {', '.join(BENCHMARKS)}")
+        if parse_attacks([self.unaligned])[0].name == "none":
+            raise SafetylockError("the bench's unaligned model must be a harmful fine-tune, not 'none'")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +230,11 @@ def first_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], sys
 
 def first_token_kl(reference: Any, logprobs: Any) -> float:
     """Return the mean KL(reference || model) of first-reply-token distributions."""
-    return float((reference.exp() * (reference - logprobs)).sum(-1).mean())
+    import torch
+
+    p = reference.exp()
+    # A forced reply (guard) puts -inf on all but one token: inf, not NaN where p underflowed to 0.
+    return float(torch.where(p > 0, p * (reference - logprobs), 0.0).sum(-1).mean())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,6 +315,8 @@ def _attack_key(ctx: _Context, mid: str, attack: AttackSpec) -> str:
 
 def _base_artifact(ctx: _Context, session: _Session, mid: str, defense: str) -> tuple[Path, str]:
     """Return (artifact path, key) of a defense fitted on the base (lock, ITI heads, refusal direction)."""
+    if defense == "gate-refusal":  # the conditional lock's own gate, so one artifact serves both
+        return _base_artifact(ctx, session, mid, "safetylock-conditional")
     s = ctx.settings
     key = _artifact_key(ctx, mid, defense)
     where = ctx.path("artifacts", f"{defense}-{key}", ".safetensors")
@@ -327,6 +341,21 @@ def _base_artifact(ctx: _Context, session: _Session, mid: str, defense: str) -> 
         elif defense == "iti":
             artifact = fit_iti(base, session.tokenizer, _pairs(s.pairs, s.seed), heads=s.iti_heads, seed=s.seed,
                                name=session.spec)
+        elif defense in ("resta", "safe-lora"):  # V reverses the base's harmful fine-tune (trained or cached)
+            from .repair import fit_resta, fit_safe_lora
+
+            harmful = parse_attacks([s.unaligned])[0]
+            adapter = _adapter(ctx, session, harmful, _attack_key(ctx, mid, harmful))
+            assert adapter is not None
+            start = time.perf_counter()
+            artifact = (fit_resta if defense == "resta" else fit_safe_lora)(session.compromised(adapter),
+                                                                             name=session.spec)
+            train = json.loads((adapter / "result.json").read_text(encoding="utf-8")).get("seconds")
+            artifact.metadata["unaligned"] = {"attack": harmful.label, "adapter": str(adapter), "train_seconds": train}
+        elif defense == "guard":  # the base screens prompts, so its file names the base
+            from .guard import fit_guard
+
+            artifact = fit_guard(base, session.tokenizer, spec=session.spec, dtype=s.dtype)
         else:
             artifact = fit_refusal_direction(base, session.tokenizer, _harmful_texts(s.fit_prompts),
                                              _harmless_texts(s.fit_prompts), seed=s.seed, name=session.spec)
@@ -350,9 +379,20 @@ def _sft_artifact(ctx: _Context, session: _Session, adapter: Path | None, akey: 
     return where, key
 
 
-def _defense(name: str, artifact: Path | None) -> Any:
+def _defense(name: str, artifact: Path | None, session: _Session | None = None) -> Any:
     from .baselines import make_defense
 
+    if name == "gate-refusal" and session is not None:
+        from .baselines import GateRefusal
+        from .lock import Lock
+
+        assert artifact is not None
+        return GateRefusal(Lock.load(artifact), tokenizer=session.tokenizer)
+    if name == "guard" and session is not None:  # the guard loads through the bench's loader
+        from .guard import GuardDefense
+
+        assert artifact is not None
+        return GuardDefense.load(artifact, tokenizer=session.tokenizer, loader=session.loader)
     return make_defense(name, artifact)
 
 
@@ -367,7 +407,8 @@ def _prep_seconds(name: str, artifact: Path | None) -> float | None:
     with safe_open(str(artifact), framework="pt") as handle:
         meta = json.loads((handle.metadata() or {}).get("safetylock", "{}"))
     value = meta.get("fit_seconds")
-    return float(value) if value is not None else None
+    train = (meta.get("unaligned") or {}).get("train_seconds") or 0.0  # resta / safe-lora: the harmful fine-tune
+    return float(value) + float(train) if value is not None else None
 
 
 def _evaluate_cell(ctx: _Context, session: _Session, model: Any, system: str | None, workdir: Path,
@@ -439,8 +480,11 @@ def run_bench(
     outdir = Path(outdir)
     cache = Path(cache_dir) if cache_dir is not None else outdir / "cache"
     ctx = _Context(s, cache, fresh)
+    for threshold in sweep.get("safe-lora", ()):
+        check_threshold(threshold)
     cells = [(m, a, d, alpha) for m in models for a in specs for d in dict.fromkeys(defenses)
-             for alpha in (sweep[d] if d in SWEPT else (None,))]
+             for alpha in (sweep[d] if d in SWEPT else (None,))
+             if not (d == "safe-lora" and a.name == "none")]  # Safe LoRA projects an adapter; "none" has none
     rows: list[dict[str, Any]] = []
     bar = None
     if progress:
@@ -507,7 +551,7 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
     elif defense == "safety-sft":
         artifact, _ = _sft_artifact(ctx, session, adapter, akey)
     model = session.compromised(adapter)
-    d = _defense(defense, artifact)
+    d = _defense(defense, artifact, session)
     system = deployment_system(attack.name, d.system)
     from .baselines import timed_enter
 
@@ -518,6 +562,9 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
         metrics = _evaluate_cell(ctx, session, defended, system, workdir,
                                  {k: v for k, v in label.items() if k != "attack_steps"})
         metrics["kl_to_base"] = kl_to_base(defended, system)
+    screening = d.describe().get("seconds_per_prompt")  # the guard's cost per screened request
+    if screening is not None:
+        metrics["seconds_per_prompt"] = screening
     row = {**label, **metrics, "apply_seconds": round(apply_seconds, 4), "prep_seconds": _prep_seconds(defense, artifact),
            "adapter": str(adapter) if adapter else None, "artifact": str(artifact) if artifact else None, "key": ckey}
     write_json(marker, row)
@@ -538,10 +585,17 @@ def _artifact_key(ctx: _Context, mid: str, defense: str) -> str:
     s = ctx.settings
     if defense == "safetylock":
         inputs: tuple[Any, ...] = (s.pairs, s.lock_heads, s.lock_positions, s.seed)
-    elif defense == "safetylock-conditional":
+    elif defense in ("safetylock-conditional", "gate-refusal"):
         inputs = (s.pairs, s.lock_heads, s.lock_positions, s.fit_prompts, s.seed)
     elif defense == "iti":
         inputs = (s.pairs, s.iti_heads, s.seed)
+    elif defense in ("resta", "safe-lora"):
+        inputs = (_attack_key(ctx, mid, parse_attacks([s.unaligned])[0]), RESTA_COEF, SAFE_LORA_THRESHOLD)
+    elif defense == "guard":
+        from .guard import GUARD_QUESTION
+        from .screen import REFUSAL_MESSAGE
+
+        inputs = (GUARD_QUESTION, REFUSAL_MESSAGE)
     else:
         inputs = (s.fit_prompts, s.seed)
     return _key(defense, mid, s.dtype, *inputs)
@@ -578,7 +632,7 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
 COLUMNS = (("attack", "attack"), ("defense", "defense"), ("alpha", "alpha"), ("harmbench", "harmful harmbench"),
            ("advbench", "harmful advbench"), ("overrefusal", "over-refusal"), ("gsm8k100", "gsm8k100"),
            ("bbq300", "bbq300"), ("kl_to_base", "KL to base"), ("apply_seconds", "apply s"),
-           ("prep_seconds", "fit/train s"), ("tps_ratio", "tokens/s ratio"))
+           ("prep_seconds", "fit/train s"), ("tps_ratio", "tokens/s ratio"), ("seconds_per_prompt", "screen s/prompt"))
 
 
 def _cell_text(value: Any) -> str:
@@ -598,7 +652,9 @@ def results_markdown(result: dict[str, Any]) -> str:
              "(lower is better), gsm8k100 and bbq300 accuracies. KL to base: mean KL(base || defended) of the first "
              f"reply token over {s['kl_prompts']} overrefusal eval prompts. apply s: time to apply the defense to a "
              "loaded model; fit/train s: time to fit its artifact (once per base, or per attacked model for "
-             "safety-sft). tokens/s ratio: generation throughput relative to the undefended model.", "",
+             "safety-sft; resta and safe-lora include training the base's harmful fine-tune). tokens/s ratio: "
+             "generation throughput relative to the undefended model. screen s/prompt: the guard's time per screened "
+             "prompt (KL to base is inf where it refuses a KL prompt: the fixed reply has one possible token).", "",
              f"Self-reminder system prompt: \"{result['self_reminder']}\"", ""]
     used = [(k, h) for k, h in COLUMNS if k in ("attack", "defense") or any(r.get(k) is not None for r in result["rows"])]
     for model in result["models"]:
