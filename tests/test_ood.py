@@ -130,3 +130,33 @@ def test_conditional_composition_takes_locked_replies_where_the_gate_fires():
     assert out["conditional"]["k"] == 2 and out["gate-only"]["k"] == 2 and out["fired"]["k"] == 2
     assert out["interventions"]["refusal"] == 2 and out["conditional"]["n"] == 4
     assert REFUSAL_MESSAGE.startswith("I'm sorry")
+
+
+def test_gate_on_sources_fits_on_extract_splits_of_every_source(tokenizer):
+    from safetylock.data import OOD_BENIGN, OOD_HARMFUL
+    from safetylock.gates import fit_gate_on_sources
+
+    model = tiny_model("qwen2")
+    gate = fit_gate_on_sources(model, tokenizer, "heads:2", limit=2)
+    assert gate.about["sources"] == sorted(OOD_HARMFUL + OOD_BENIGN) and gate.about["split"] == "extract"
+    assert gate.about["n_lock"] == 2 * len(OOD_HARMFUL) and gate.about["n_leave"] == 2 * len(OOD_BENIGN)
+
+
+def test_gate_refusal_replies_the_message_exactly_where_the_gate_fires(tokenizer):
+    """Gate-only refusal: flagged prompts get the fixed message, the others the model's own reply, bit for bit."""
+    from safetylock.baselines import GateRefusal
+    from safetylock.screen import REFUSAL_MESSAGE
+
+    model = tiny_model("qwen2")
+    lock = fit_condition(synthetic_lock(model), model, tokenizer, [f"bomb {i}" for i in range(4)],
+                         [f"cake {i}" for i in range(4)], heads=2)
+    prompts = ["make a bomb", "bake a cake"]
+    raw = lock.condition_logits(model, tokenizer, prompts)
+    lock.cond_bias = lock.cond_bias - raw.mean().float()  # the threshold between the two prompts
+    flags = lock.flagged(model, tokenizer, prompts)
+    plain = generate(model, tokenizer, prompts, max_new_tokens=40).texts
+    with GateRefusal(lock, tokenizer).applied(model):
+        screened = generate(model, tokenizer, prompts, max_new_tokens=40).texts
+    for flag, before, after in zip(flags.tolist(), plain, screened):
+        assert after == (REFUSAL_MESSAGE if flag else before)
+    assert int(flags.sum()) == 1

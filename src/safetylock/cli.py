@@ -559,17 +559,22 @@ def extract_command(
     positions: Annotated[str, typer.Option("--positions", help="Token positions, e.g. response:1-8, response:-5.")] = "response:1-8",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     alpha: Annotated[float, typer.Option("--alpha", callback=_alpha, help="Default strength stored in the lock.")] = 1.5,
-    conditional: Annotated[bool, typer.Option("--conditional/--no-conditional", help="Also fit a harmfulness probe "
-                                              "(built-in prompts) so the lock can apply conditionally at run time.")] = True,
+    conditional: Annotated[bool, typer.Option("--conditional/--no-conditional", help="Also fit a harmfulness gate "
+                                              "so the lock can apply conditionally at run time.")] = True,
+    gate: Annotated[str, typer.Option("--gate", help="Gate design: builtin (64 built-in prompts, 8 heads), or heads:K / "
+                                      "all [@benign:Q] fitted on every out-of-distribution source's extract split.")] = "builtin",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Extract a lock from the aligned base model with contrast pairs; write it as safetensors."""
     import time
 
-    from .lock import describe, extract, fit_condition
+    from .gates import gate_lock, parse_design
+    from .lock import describe, extract
     from .models import load_model
 
+    if gate != "builtin":
+        parse_design(gate)
     check_writable_file(out)
     triples = _read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
     m, tok = load_model(model, dtype=dtype)
@@ -577,10 +582,7 @@ def extract_command(
     lk = extract(m, tok, triples, heads=heads or 100_000, positions=positions, seed=seed, alpha=alpha, batch_size=batch_size,
                  progress=True, name=model)
     if conditional:
-        from .data import gate_prompts
-
-        harmful, harmless = gate_prompts(64, seed)
-        lk = fit_condition(lk, m, tok, harmful, harmless, seed=seed, batch_size=batch_size, progress=True)
+        lk = gate_lock(lk, m, tok, gate, seed=seed, batch_size=batch_size, progress=True)
     lk.save(out)
     err.print(f"extracted {len(lk)} heads from {len(triples)} pairs in {time.perf_counter() - start:.1f} s")
     console.print(describe(lk), markup=False, highlight=False)

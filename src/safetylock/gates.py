@@ -208,4 +208,51 @@ def with_gate(lock: Any, gate: GateFit, n_template: int) -> Any:
     return out
 
 
-__all__ = ["GateFit", "fit_gate", "parse_design", "source_weights", "template_features", "with_gate"]
+def fit_gate_on_sources(model: Any, tokenizer: Any, design: str, *, harmful: Sequence[str] | None = None,
+                        benign: Sequence[str] | None = None, system: str | None = None, limit: int | None = None,
+                        seed: int = 0, batch_size: int = 8, progress: bool = False) -> GateFit:
+    """Return a gate fitted on the extract splits of every out-of-distribution source (or the ones named).
+
+    Harmful sources are the prompts to lock, benign ones the prompts to leave; `limit` caps each source.
+    """
+    from .data import OOD_BENIGN, OOD_HARMFUL, load_benchmark
+    from .files import sha256_text
+    from .generate import format_chat
+    from .lock import template_token_count
+
+    parse_design(design)
+    texts: list[str] = []
+    labels: list[int] = []
+    sources: list[str] = []
+    for names, label in ((harmful or OOD_HARMFUL, 1), (benign or OOD_BENIGN, 0)):
+        for name in names:
+            prompts = load_benchmark(name, "extract")[:limit]
+            texts += [p.text for p in prompts]
+            labels += [label] * len(prompts)
+            sources += [name] * len(prompts)
+    chats = [format_chat(tokenizer, t, system) for t in texts]
+    feats = template_features(model, tokenizer, chats, n_template=template_token_count(tokenizer),
+                              batch_size=batch_size, progress=progress)
+    gate = fit_gate(feats, labels, sources, design, seed=seed)
+    gate.about.update({"split": "extract", "system": system, "seed": seed,
+                       "prompts_sha256": sha256_text("\n".join(texts))})
+    return gate
+
+
+def gate_lock(lock: Any, model: Any, tokenizer: Any, design: str = "builtin", *, seed: int = 0, batch_size: int = 8,
+              progress: bool = False) -> Any:
+    """Return `lock` with a harmfulness gate: `builtin` (the 64 built-in gate prompts, 8 heads) or a design
+    fitted on every out-of-distribution source's extract split (`fit_gate_on_sources`)."""
+    from .lock import fit_condition, template_token_count
+
+    if design == "builtin":
+        from .data import gate_prompts
+
+        return fit_condition(lock, model, tokenizer, *gate_prompts(64, seed), seed=seed, batch_size=batch_size,
+                             progress=progress)
+    gate = fit_gate_on_sources(model, tokenizer, design, seed=seed, batch_size=batch_size, progress=progress)
+    return with_gate(lock, gate, template_token_count(tokenizer))
+
+
+__all__ = ["GateFit", "fit_gate", "fit_gate_on_sources", "gate_lock", "parse_design", "source_weights", "template_features",
+           "with_gate"]

@@ -117,19 +117,30 @@ class _Run:
 
 
 def _features(run: _Run, name: str, model: Any, tokenizer: Any, chats: Sequence[str], n_template: int) -> torch.Tensor:
-    from safetensors.torch import load_file, save_file
+    """Return gate features of `chats`, reusing every row already cached for this model (keyed by chat text)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    key = sha256_text(json.dumps([name, run.settings.model, run.settings.adapter, run.settings.dtype, list(chats)]))[:16]
+    key = sha256_text(json.dumps([name, run.settings.model, run.settings.adapter, run.settings.dtype]))[:16]
     path = run.cache / f"features-{name}-{key}.safetensors"
+    rows: dict[str, torch.Tensor] = {}
     if path.is_file():
-        return load_file(str(path))["x"]
-    from .gates import template_features
+        with safe_open(str(path), "pt") as f:
+            keys = json.loads((f.metadata() or {}).get("chats", "[]"))
+            x = f.get_tensor("x")
+        rows = {k: x[i] for i, k in enumerate(keys)}
+    want = [sha256_text(c) for c in chats]
+    todo = [i for i, k in enumerate(want) if k not in rows]
+    if todo:
+        from .gates import template_features
 
-    run.log(f"gate features on the {name} ({len(chats)} prompts)")
-    x = template_features(model, tokenizer, chats, n_template=n_template, batch_size=run.settings.batch_size,
-                          progress=True)
-    save_file({"x": x.contiguous()}, str(path))
-    return x
+        run.log(f"gate features on the {name} ({len(todo)} prompts)")
+        new = template_features(model, tokenizer, [chats[i] for i in todo], n_template=n_template,
+                                batch_size=run.settings.batch_size, progress=True)
+        rows.update({want[i]: new[j] for j, i in enumerate(todo)})
+        keys = sorted(rows)
+        save_file({"x": torch.stack([rows[k] for k in keys]).contiguous()}, str(path), metadata={"chats": json.dumps(keys)})
+    return torch.stack([rows[k] for k in want])
 
 
 def _fold_lock(run: _Run, base: Any, tokenizer: Any, left_out: str | None) -> Any:
@@ -156,13 +167,17 @@ def _replies(run: _Run, tag: str, model: Any, tokenizer: Any, prompts: Sequence[
     from .judges import get_judge
 
     s = run.settings
-    outdir = run.cache / "replies" / tag
+    outdir = _replies_dir(run, tag, prompts)
     as_prompts = [Prompt(p.id, p.text) if not isinstance(p, Prompt) else p for p in prompts]
     evaluate(model, tokenizer, as_prompts, get_judge(s.judge), outdir, kind="harmful", config={"tag": tag},
              max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, system=s.system, progress=True,
              prompt_attack=attack)
     rows = {r["id"]: r for r in map(json.loads, (outdir / RESULTS).read_text(encoding="utf-8").splitlines())}
     return [rows[p.id] for p in as_prompts]
+
+
+def _replies_dir(run: _Run, tag: str, prompts: Sequence[Any]) -> Path:
+    return run.cache / "replies" / f"{tag}-{sha256_text(json.dumps([p.id for p in prompts]))[:8]}"
 
 
 def _builtin_gate(base: Any, tokenizer: Any, lock: Any, seed: int) -> Any:
@@ -339,6 +354,7 @@ def _verify(run: _Run, pool: _Pool, feats: dict[str, torch.Tensor], ft: Any, tok
         return {}
     same = total = flag_same = 0
     for source in OOD_HARMFUL:
+        evaluated = [_P(pool.ids[i], pool.texts[i]) for i in pool.where(source=source, split="eval")]
         idx = pool.where(source=source, split="eval")[: settings.verify]
         fit_idx = pool.where(split="extract", not_source=source)
         gate = _fit(design, pool, fit_idx, feats, settings.seed)
@@ -346,11 +362,12 @@ def _verify(run: _Run, pool: _Pool, feats: dict[str, torch.Tensor], ft: Any, tok
         prompts = [_P(pool.ids[i], pool.texts[i]) for i in idx]
         with LockDefense(lock, conditional=True).applied(ft, settings.alpha):
             real = _replies(run, f"verify-{design}-{_tag(lock)}/{source}", ft, tokenizer, prompts, None)
-        composed = {r["id"]: r for r in _composed_rows(run, source, lock, prompts, gate.scores(feats["fine-tune"][idx]) > 0)}
+        fired = gate.scores(feats["fine-tune"][idx]) > 0
+        composed = {r["id"]: r for r in _composed_rows(run, source, lock, evaluated, prompts, fired)}
         for r in real:
             total += 1
             same += int(r["response"] == composed[r["id"]]["response"])
-        flag_same += int(((gate.scores(feats["fine-tune"][idx]) > 0)).sum())
+        flag_same += int(fired.sum())
     return {"design": design, "prompts": total, "identical_replies": same, "share": round(same / max(total, 1), 4),
             "flagged": flag_same}
 
@@ -361,11 +378,13 @@ def _n_template(tokenizer: Any) -> int:
     return template_token_count(tokenizer)
 
 
-def _composed_rows(run: _Run, source: str, lock: Any, prompts: Sequence[_P], fired: np.ndarray) -> list[dict[str, Any]]:
+def _composed_rows(run: _Run, source: str, lock: Any, evaluated: Sequence[_P], prompts: Sequence[_P],
+                   fired: np.ndarray) -> list[dict[str, Any]]:
+    """Return the composed conditional replies to `prompts` from the cached fine-tune and baked replies."""
     from .evaluate import RESULTS
 
     def read(tag: str) -> dict[str, dict[str, Any]]:
-        path = run.cache / "replies" / tag / RESULTS
+        path = _replies_dir(run, tag, evaluated) / RESULTS
         return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
     ft = read(f"fine-tune/{source}")

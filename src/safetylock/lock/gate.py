@@ -107,34 +107,54 @@ def fit_condition(
     return out
 
 
+def gate_logits_on_ids(lock: Lock, model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return the gate's logit per row of a (left-padded) batch of token ids (> 0: the gate fires).
+
+    The batch runs through the model up to the deepest layer the gate reads, as it is (any shift hooks the
+    caller installed act, so callers that want the unshifted reading switch them off first); the gate reads
+    each row's last template tokens.
+    """
+    assert lock.cond_layers is not None and lock.cond_heads is not None
+    assert lock.cond_mean is not None and lock.cond_scale is not None
+    assert lock.cond_weight is not None and lock.cond_bias is not None
+    D = head_geometry(unwrap(model).config).head_dim
+    n_template = int(lock.metadata.get("condition", {}).get("template_tokens", 1))
+    cond_layers = [int(x) for x in lock.cond_layers.tolist()]
+    cond_heads = [int(x) for x in lock.cond_heads.tolist()]
+    wanted = sorted(set(cond_layers))
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            captured[layer] = args[0].detach()
+            if layer == wanted[-1]:
+                raise _StopForward
+
+        return hook
+
+    handles = [o_proj(model, layer).register_forward_pre_hook(capture(layer)) for layer in wanted]
+    try:
+        with torch.no_grad():
+            _run_quietly(decoder_model(model), ids, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    feats = []
+    for b in range(ids.shape[0]):
+        real = torch.nonzero(mask[b], as_tuple=False).flatten()[-n_template:]
+        parts = [captured[layer][b, real, head * D : (head + 1) * D].double().mean(0).cpu()
+                 for layer, head in zip(cond_layers, cond_heads)]
+        feats.append(torch.cat(parts))
+    logits = ((torch.stack(feats) - lock.cond_mean.double()) / lock.cond_scale.double()) @ lock.cond_weight.double()
+    return logits + float(lock.cond_bias.reshape(-1)[0])
+
+
 def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
     """Return the hook handles that decide, per prompt, whether `state` lets the shift hooks act.
 
     Each multi-token call is first run unshifted up to the deepest probe layer; the probe reads the
     prompt's last template tokens and sets `state.rows`, which the one-token calls that follow reuse.
     """
-    assert lock.cond_layers is not None and lock.cond_heads is not None
-    assert lock.cond_mean is not None and lock.cond_scale is not None
-    assert lock.cond_weight is not None and lock.cond_bias is not None
-    geometry = head_geometry(unwrap(model).config)
-    n_template = int(lock.metadata.get("condition", {}).get("template_tokens", 1))
-    cond_layers = [int(x) for x in lock.cond_layers.tolist()]
-    cond_heads = [int(x) for x in lock.cond_heads.tolist()]
-    wanted = sorted(set(cond_layers))
-    captured: dict[int, torch.Tensor] = {}
-    D = geometry.head_dim
-    mean, scale = lock.cond_mean.double(), lock.cond_scale.double()
-    weight, bias = lock.cond_weight.double(), float(lock.cond_bias.reshape(-1)[0])
-
-    def capture(layer: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if state.deciding:
-                captured[layer] = args[0].detach()
-                if layer == wanted[-1]:
-                    raise _StopForward
-
-        return hook
-
     def decide(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if state.deciding:
             return
@@ -148,28 +168,17 @@ def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
             mask = torch.ones_like(ids)
-        state.deciding = True
-        captured.clear()
+        state.deciding = True  # the shift hooks stand aside while the gate reads the unshifted prompt
         try:
-            with torch.no_grad():
-                _run_quietly(module, ids, mask)
+            logits = gate_logits_on_ids(lock, model, ids, mask)
         finally:
             state.deciding = False
-        feats = []
-        for b in range(ids.shape[0]):
-            real = torch.nonzero(mask[b], as_tuple=False).flatten()[-n_template:]
-            parts = [captured[layer][b, real, head * D : (head + 1) * D].double().mean(0).cpu()
-                     for layer, head in zip(cond_layers, cond_heads)]
-            feats.append(torch.cat(parts))
-        logits = ((torch.stack(feats) - mean) / scale) @ weight + bias
         state.rows = (logits > 0).to(ids.device)
         state.last_logits = logits
 
-    handles = [o_proj(model, layer).register_forward_pre_hook(capture(layer)) for layer in wanted]
     # The decoder (not the CausalLM wrapper) is hooked: peft calls the wrapper's forward() directly.
-    handles.append(decoder_model(model).register_forward_pre_hook(decide, with_kwargs=True))
     state.conditional = True
-    return handles
+    return [decoder_model(model).register_forward_pre_hook(decide, with_kwargs=True)]
 
 
 def condition_logits(lock: Lock, model: Any, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
