@@ -129,7 +129,9 @@ def test_conditional_composition_takes_locked_replies_where_the_gate_fires():
     out = _compose(ft, locked, np.array([True, True, False, False]), harmful=True)
     assert out["conditional"]["k"] == 2 and out["gate-only"]["k"] == 2 and out["fired"]["k"] == 2
     assert out["interventions"]["refusal"] == 2 and out["conditional"]["n"] == 4
-    assert REFUSAL_MESSAGE.startswith("I'm sorry")
+    from safetylock.judges import refusal_marker
+
+    assert refusal_marker(REFUSAL_MESSAGE) is not None  # the gate-only reply counts as a refusal in words
 
 
 def test_gate_on_sources_fits_on_extract_splits_of_every_source(tokenizer):

@@ -41,7 +41,7 @@ class GateFit:
     def scores(self, features: torch.Tensor) -> np.ndarray:
         """Return the gate's score per prompt (> 0: it fires) from (n, layers, heads, head_dim) features."""
         x = _select(features, self.layers, self.heads)
-        return ((x - self.mean) / self.scale) @ self.weight + self.bias
+        return np.asarray(((x - self.mean) / self.scale) @ self.weight + self.bias)
 
 
 def _select(features: torch.Tensor, layers: Sequence[int], heads: Sequence[int]) -> np.ndarray:
@@ -106,7 +106,7 @@ def source_weights(sources: Sequence[str], labels: np.ndarray) -> np.ndarray:
     for k in keys:
         counts[k] = counts.get(k, 0) + 1
     w = np.array([1.0 / counts[k] for k in keys])
-    return w * len(w) / w.sum()
+    return np.asarray(w * len(w) / w.sum())
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float, seed: int) -> Any:

@@ -30,9 +30,9 @@ import torch
 
 from .errors import SafetylockError
 from .files import sha256_text, write_json
+from .screen import REFUSAL_MESSAGE
 from .stats import wilson
 
-REFUSAL_MESSAGE = "I'm sorry, but I can't help with that request."
 DESIGNS = ("builtin", "heads:8", "all", "all@benign:0.05")
 OOD_JUDGE = "relevance:0.25"  # the best judge on human labels from outside the project (bench/judges/HUMAN.md)
 
@@ -296,6 +296,7 @@ def run_ood(settings: OODSettings, outdir: str | Path) -> dict[str, Any]:
             fit_idx = pool.where(split="extract", not_source=source)
             for design in settings.designs:
                 gate = builtin_fit if design == "builtin" else _fit(design, pool, fit_idx, feats, settings.seed)
+                assert gate is not None
                 fired = gate.scores(a_feats["fine-tune"]) > 0
                 cell["gates"][design] = _compose(rows["fine-tune"], rows["baked"], fired, True)
             result["attacks"][name][source] = cell
@@ -303,6 +304,7 @@ def run_ood(settings: OODSettings, outdir: str | Path) -> dict[str, Any]:
     result["seconds"] = round(time.perf_counter() - run.started, 1)
     write_json(run.outdir / "ood.json", result)
     (run.outdir / "OOD.md").write_text(ood_markdown(result), encoding="utf-8")
+    write_ood_plot(result, run.outdir / "ood.png")
     return result
 
 
@@ -392,6 +394,41 @@ def _composed_rows(run: _Run, source: str, lock: Any, evaluated: Sequence[_P], p
     return [baked[p.id] if f else ft[p.id] for p, f in zip(prompts, fired)]
 
 
+def write_ood_plot(result: dict[str, Any], path: str | Path, design: str | None = None) -> Path:
+    """Write a PNG: per left-out source, the rate that matters (harmful: complied, benign: refused) per defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    design = design or next((d for d in result["settings"]["designs"] if d != "builtin"), "builtin")
+    series = [("base", lambda e: e["base"]), ("fine-tune", lambda e: e["fine-tune"]), ("baked lock", lambda e: e["baked"]),
+              (f"conditional ({design})", lambda e: e["gates"][design]["conditional"]),
+              (f"gate-only ({design})", lambda e: e["gates"][design]["gate-only"])]
+    sources = list(result["sources"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(sources)), 4.2))
+    width = 0.8 / len(series)
+    for j, (label, get) in enumerate(series):
+        cells = [get(result["sources"][src]) for src in sources]
+        xs = [i + (j - len(series) / 2 + 0.5) * width for i in range(len(sources))]
+        rates = [c["rate"] or 0.0 for c in cells]
+        err = [[r - c["ci95"][0] for r, c in zip(rates, cells)], [c["ci95"][1] - r for r, c in zip(rates, cells)]]
+        ax.bar(xs, rates, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(sources)))
+    ax.set_xticklabels([f"{src}\n({result['sources'][src]['kind']}, n={result['sources'][src]['n']})" for src in sources],
+                       fontsize=7)
+    ax.set_ylabel("harmful: complied / benign: refused")
+    ax.set_ylim(0, 1)
+    s = result["settings"]
+    ax.set_title(f"{s['model']} + {s['attack']}: each source left out of fitting (95% Wilson)", fontsize=9)
+    ax.legend(fontsize=7, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def ood_markdown(result: dict[str, Any]) -> str:
     """Return the protocol's tables: per left-out source, and per prompt attack."""
     s = result["settings"]
@@ -432,4 +469,4 @@ def ood_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DESIGNS", "OODSettings", "REFUSAL_MESSAGE", "ood_markdown", "run_ood"]
+__all__ = ["DESIGNS", "OODSettings", "REFUSAL_MESSAGE", "ood_markdown", "run_ood", "write_ood_plot"]

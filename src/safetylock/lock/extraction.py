@@ -43,7 +43,7 @@ def extract(
             "(the model is causal); include response positions, e.g. response:1-8"
         )
     train_pairs, val_pairs = split_pairs(len(pairs), val_fraction, seed)
-    items: list[Item] = [(p, s) for p, s, _ in pairs] + [(p, u) for p, _, u in pairs]
+    items: list[Item] = [*((p, s) for p, s, _ in pairs), *((p, u) for p, _, u in pairs)]
     acts = head_activations(model, tokenizer, items, positions, batch_size=batch_size, progress=progress)
     n = len(pairs)
     owner = acts.owner.numpy()

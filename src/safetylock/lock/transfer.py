@@ -73,7 +73,7 @@ def check_transfer(
     lock.validate(model, force=force)
     positions = str(lock.metadata.get("extraction", {}).get("positions", DEFAULT_POSITIONS))
     layers = sorted(set(lock.layers.tolist()))
-    items: list[Item] = [(p, s) for p, s, _ in pairs] + [(p, u) for p, _, u in pairs]
+    items: list[Item] = [*((p, s) for p, s, _ in pairs), *((p, u) for p, _, u in pairs)]
 
     def measure(m: Any) -> list[float]:
         acts = head_activations(m, tokenizer, items, positions, layers=layers, batch_size=batch_size, progress=progress)
