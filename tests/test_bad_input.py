@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from safetylock.errors import SafetylockError, check_alpha
 from safetylock.files import atomic_dir, check_output_dir

@@ -331,15 +331,10 @@ class RefusalDirection:
         """Read a file written by `save`; refuse anything else with a one-line reason."""
         path = Path(path).expanduser()
         tensors, meta = read_tagged_safetensors(path, DIRECTION_FORMAT, "refusal-direction file",
-                                                "fit one with fit_refusal_direction")
-        if meta.get("format_version") != DIRECTION_VERSION:
-            raise SafetylockError(f"{path} has refusal-direction format version {meta.get('format_version')}; "
-                                  f"this safetylock reads version {DIRECTION_VERSION}")
+                                                "fit one with fit_refusal_direction", DIRECTION_VERSION)
         if any(k not in tensors for k in ("direction", "directions", "separation")):
             raise SafetylockError(f"{path} lacks a tensor; the file is damaged, fit the direction again")
         layer = int(meta.pop("layer"))
-        for key in ("format", "format_version"):
-            meta.pop(key)
         out = cls(layer, tensors["direction"], tensors["directions"], tensors["separation"], meta)
         if out.direction.shape != out.directions.shape[1:] or not 0 <= layer < out.directions.shape[0]:
             raise SafetylockError(f"{path}: direction shape {tuple(out.direction.shape)} or layer {layer} "

@@ -136,11 +136,12 @@ def write_tagged_safetensors(path: Path, tensors: dict[str, Any], meta: dict[str
     return path
 
 
-def read_tagged_safetensors(path: Path, fmt: str, what: str, missing_hint: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return (tensors, metadata) of a file `write_tagged_safetensors` wrote with metadata format `fmt`.
+def read_tagged_safetensors(path: Path, fmt: str, what: str, missing_hint: str,
+                            version: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (tensors, metadata without format keys) of a file `write_tagged_safetensors` wrote as `fmt` `version`.
 
-    Anything else (missing, unreadable, untagged, another format) is refused with a one-line reason naming
-    `what` the file should be; `missing_hint` says how to make one. Never unpickles anything.
+    Anything else (missing, unreadable, untagged, another format or version) is refused with a one-line reason
+    naming `what` the file should be; `missing_hint` says how to make one. Never unpickles anything.
     """
     from safetensors import safe_open
 
@@ -162,6 +163,11 @@ def read_tagged_safetensors(path: Path, fmt: str, what: str, missing_hint: str) 
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise SafetylockError(f"{path} is a safetensors file but not a {what} (format {found!r}); {missing_hint}")
+    found_version = meta.pop("format_version", None)
+    meta.pop("format", None)
+    if found_version != version:
+        raise SafetylockError(f"{path} has {what.removesuffix(' file')} format version {found_version}; "
+                              f"this safetylock reads version {version}")
     return tensors, meta
 
 

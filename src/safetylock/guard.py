@@ -163,17 +163,13 @@ class GuardConfig:
     def load(cls, path: str | Path) -> GuardConfig:
         """Read a file written by `save`; refuse anything else with a one-line reason."""
         path = Path(path).expanduser()
-        tensors, meta = read_tagged_safetensors(path, GUARD_FORMAT, "guard file", "make one with fit_guard")
-        if meta.get("format_version") != GUARD_VERSION:
-            raise SafetylockError(f"{path} has guard format version {meta.get('format_version')}; "
-                                  f"this safetylock reads version {GUARD_VERSION}")
+        tensors, meta = read_tagged_safetensors(path, GUARD_FORMAT, "guard file", "make one with fit_guard",
+                                                GUARD_VERSION)
         if "yes_ids" not in tensors or "no_ids" not in tensors or not all(
                 isinstance(meta.get(k), str) for k in ("guard", "question", "message")):
             raise SafetylockError(f"{path} lacks the guard's name, settings or answer tokens; make it again")
         if "{request}" not in meta["question"]:
             raise SafetylockError(f"{path}: the guard question has no {{request}} slot; make it again")
-        for key in ("format", "format_version"):
-            meta.pop(key)
         spec, question, message = meta.pop("guard"), meta.pop("question"), meta.pop("message")
         threshold = check_threshold(meta.pop("threshold", None))
         return cls(spec, threshold, [int(v) for v in tensors["yes_ids"].tolist()],

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SafetylockError
 from .files import sha256_text, write_json
 from .screen import REFUSAL_MESSAGE
 from .stats import wilson

@@ -179,13 +179,8 @@ class SafetyVector:
         """Read a file written by `save`; refuse anything else with a one-line reason."""
         path = Path(path).expanduser()
         tensors, meta = read_tagged_safetensors(path, VECTOR_FORMAT, "safety-vector file",
-                                                "fit one with fit_resta or fit_safe_lora")
-        if meta.get("format_version") != VECTOR_VERSION:
-            raise SafetylockError(f"{path} has safety-vector format version {meta.get('format_version')}; "
-                                  f"this safetylock reads version {VECTOR_VERSION}")
+                                                "fit one with fit_resta or fit_safe_lora", VECTOR_VERSION)
         scales = meta.pop("scales", None) or {}
-        for key in ("format", "format_version"):
-            meta.pop(key)
         names = sorted({key.rsplit(".", 1)[0] for key in tensors})
         parts: dict[str, VectorPart] = {}
         for name in names:

@@ -115,11 +115,8 @@ class Lock:
     def load(cls, path: str | Path) -> Lock:
         """Read a lock file written by `save`; refuse anything else with a one-line reason."""
         path = Path(path).expanduser()
-        tensors, meta = read_tagged_safetensors(path, FORMAT, "lock file", "run `safetylock extract` to make one")
-        version = meta.pop("format_version", None)
-        meta.pop("format", None)
-        if version != FORMAT_VERSION:
-            raise SafetylockError(f"{path} has lock format version {version}; this safetylock reads version {FORMAT_VERSION}")
+        tensors, meta = read_tagged_safetensors(path, FORMAT, "lock file", "run `safetylock extract` to make one",
+                                                FORMAT_VERSION)
         missing = [k for k in ("layers", "heads", "directions", "stds", "scores") if k not in tensors]
         if missing:
             raise SafetylockError(f"{path} lacks tensor(s) {', '.join(missing)}; the file is damaged, extract it again")
