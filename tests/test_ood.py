@@ -162,3 +162,20 @@ def test_gate_refusal_replies_the_message_exactly_where_the_gate_fires(tokenizer
     for flag, before, after in zip(flags.tolist(), plain, screened):
         assert after == (REFUSAL_MESSAGE if flag else before)
     assert int(flags.sum()) == 1
+
+
+def test_recalibrate_sets_the_benign_firing_share_on_the_guarded_model():
+    """A gate fitted on the base, read on a model whose features moved, fires on everything until recalibrated."""
+    from safetylock.gates import recalibrate
+
+    x, labels, sources = synthetic_features()
+    gate = fit_gate(x, labels, sources, "heads:1")
+    moved = x.clone()
+    moved[:, 1, 2, :] += 3.0  # a fine-tune moved the head the gate reads
+    benign = [i for i, y in enumerate(labels) if y == 0]
+    assert (gate.scores(moved[benign]) > 0).mean() > 0.9
+    fixed = recalibrate(gate, moved[benign], [sources[i] for i in benign], 0.25)
+    assert (fixed.scores(moved[benign]) > 0).mean() <= 0.25 + 1 / len(benign)
+    assert fixed.layers == gate.layers and np.array_equal(fixed.weight, gate.weight)
+    with pytest.raises(SafetylockError, match="bad gate threshold"):
+        parse_design("all@deployed:2")

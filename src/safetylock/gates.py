@@ -140,14 +140,14 @@ def parse_design(design: str) -> tuple[str, int | None, str]:
     head_part, _, threshold = design.partition("@")
     threshold = threshold or "logit"
     if threshold != "logit":
-        if not threshold.startswith("benign:"):
-            raise SafetylockError(f"bad gate threshold '{threshold}'; use logit or benign:Q (0 < Q < 1)")
+        if not threshold.startswith(("benign:", "deployed:")):
+            raise SafetylockError(f"bad gate threshold '{threshold}'; use logit, benign:Q or deployed:Q (0 < Q < 1)")
         try:
             q = float(threshold.split(":", 1)[1])
         except ValueError:
             q = -1.0
         if not 0.0 < q < 1.0:
-            raise SafetylockError(f"bad gate threshold '{threshold}'; use benign:Q with 0 < Q < 1, e.g. benign:0.05")
+            raise SafetylockError(f"bad gate threshold '{threshold}'; use benign:Q or deployed:Q with 0 < Q < 1, e.g. benign:0.05")
     if head_part == "all":
         return "all", None, threshold
     if head_part.startswith("heads:") and head_part[6:].isdigit() and int(head_part[6:]) >= 1:
@@ -180,19 +180,35 @@ def fit_gate(features: torch.Tensor, labels: Sequence[int], sources: Sequence[st
     bias = float(probe.intercept_[0])
     about: dict[str, Any] = {"design": design, "pairs": len(pairs), "C": c, "n_lock": int(y.sum()),
                              "n_leave": int((1 - y).sum()), "sources": sorted(set(sources))}
-    if threshold != "logit":
+    if threshold.startswith("benign:"):
         q = float(threshold.split(":", 1)[1])
         cv = np.zeros(len(y))
         for tr, va in StratifiedKFold(5, shuffle=True, random_state=seed).split(z, y):
             cv[va] = _logistic(z[tr], y[tr], w[tr], c, seed).decision_function(z[va])
         leave = y == 0
-        # The weighted (1 - q) quantile of the cross-validated benign scores: each source's prompts weigh the same.
-        order = np.argsort(cv[leave])
-        cum = np.cumsum(w[leave][order]) / w[leave].sum()
-        cut = float(cv[leave][order][min(int(np.searchsorted(cum, 1 - q)), len(order) - 1)])
+        cut = _weighted_cut(cv[leave], w[leave], q)
         bias -= cut
         about["threshold"] = {"benign_share": q, "cut": round(cut, 4)}
     return GateFit(layers, heads, mu, sd, probe.coef_[0].astype(np.float64), bias, about)
+
+
+def _weighted_cut(scores: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """Return the score that a weighted share `q` of `scores` exceeds (each source's prompts weigh the same)."""
+    order = np.argsort(scores)
+    cum = np.cumsum(weights[order]) / weights.sum()
+    return float(scores[order][min(int(np.searchsorted(cum, 1 - q)), len(order) - 1)])
+
+
+def recalibrate(gate: GateFit, benign_features: torch.Tensor, sources: Sequence[str], q: float) -> GateFit:
+    """Return a copy of `gate` whose threshold lets a share `q` of benign prompts fire, read on the model it guards.
+
+    A fine-tune moves the activations a gate reads (a gate fitted on the base fires on every prompt of the
+    fine-tuned model); benign prompts through the deployed model, no harm labels needed, put the cut back.
+    """
+    scores = gate.scores(benign_features)
+    cut = _weighted_cut(scores, source_weights(sources, np.zeros(len(sources))), q)
+    about = {**gate.about, "threshold": {"deployed_benign_share": q, "cut": round(cut, 4), "benign_prompts": len(scores)}}
+    return replace(gate, bias=gate.bias - cut, about=about)
 
 
 def with_gate(lock: Any, gate: GateFit, n_template: int) -> Any:
@@ -254,5 +270,5 @@ def gate_lock(lock: Any, model: Any, tokenizer: Any, design: str = "builtin", *,
     return with_gate(lock, gate, template_token_count(tokenizer))
 
 
-__all__ = ["GateFit", "fit_gate", "fit_gate_on_sources", "gate_lock", "parse_design", "source_weights", "template_features",
+__all__ = ["GateFit", "fit_gate", "fit_gate_on_sources", "gate_lock", "recalibrate", "parse_design", "source_weights", "template_features",
            "with_gate"]

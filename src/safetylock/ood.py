@@ -32,7 +32,7 @@ from .files import sha256_text, write_json
 from .screen import REFUSAL_MESSAGE
 from .stats import wilson
 
-DESIGNS = ("builtin", "heads:8", "all", "all@benign:0.05")
+DESIGNS = ("builtin", "heads:8", "all", "all@benign:0.05", "heads:8@deployed:0.05", "all@deployed:0.05")
 OOD_JUDGE = "relevance:0.25"  # the best judge on human labels from outside the project (bench/judges/HUMAN.md)
 
 
@@ -189,12 +189,10 @@ def _builtin_gate(base: Any, tokenizer: Any, lock: Any, seed: int) -> Any:
 def _gate_scores(design: str, pool: _Pool, fit_idx: list[int], feats: dict[str, torch.Tensor],
                  builtin: Any, seed: int) -> dict[str, np.ndarray]:
     """Return the design's scores on every pool prompt, read on the base and on the fine-tune."""
-    from .gates import fit_gate
 
     if design == "builtin":
         return {k: builtin.scores(v) for k, v in feats.items()}
-    gate = fit_gate(feats["base"][fit_idx], [pool.labels[i] for i in fit_idx], [pool.sources[i] for i in fit_idx],
-                    design, seed=seed)
+    gate = _fit(design, pool, fit_idx, feats, seed)
     return {k: gate.scores(v) for k, v in feats.items()}
 
 
@@ -324,12 +322,22 @@ _FIT_CACHE: dict[tuple[str, tuple[int, ...]], Any] = {}
 
 
 def _fit(design: str, pool: _Pool, fit_idx: list[int], feats: dict[str, torch.Tensor], seed: int) -> Any:
-    from .gates import fit_gate
+    """Return the design's gate fitted on the base's features of `fit_idx`; a `@deployed:Q` threshold is then set
+    on the fine-tune's features of the same benign prompts (what a deployer can run without harm labels)."""
+    from .gates import fit_gate, recalibrate
 
     key = (design, tuple(fit_idx))
     if key not in _FIT_CACHE:
-        _FIT_CACHE[key] = fit_gate(feats["base"][fit_idx], [pool.labels[i] for i in fit_idx],
-                                   [pool.sources[i] for i in fit_idx], design, seed=seed)
+        heads, _, threshold = design.partition("@")
+        base_design = heads if threshold.startswith("deployed:") else design
+        gate = fit_gate(feats["base"][fit_idx], [pool.labels[i] for i in fit_idx],
+                        [pool.sources[i] for i in fit_idx], base_design, seed=seed)
+        if threshold.startswith("deployed:"):
+            benign = [i for i in fit_idx if pool.labels[i] == 0]
+            gate = recalibrate(gate, feats["fine-tune"][benign], [pool.sources[i] for i in benign],
+                               float(threshold.split(":", 1)[1]))
+            gate.about["design"] = design
+        _FIT_CACHE[key] = gate
     return _FIT_CACHE[key]
 
 
