@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,7 +409,7 @@ def write_ood_plot(result: dict[str, Any], path: str | Path, design: str | None 
     import matplotlib.pyplot as plt
 
     design = design or next((d for d in result["settings"]["designs"] if d != "builtin"), "builtin")
-    series = [("base", lambda e: e["base"]), ("fine-tune", lambda e: e["fine-tune"]), ("baked lock", lambda e: e["baked"]),
+    series: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [("base", lambda e: e["base"]), ("fine-tune", lambda e: e["fine-tune"]), ("baked lock", lambda e: e["baked"]),
               (f"conditional ({design})", lambda e: e["gates"][design]["conditional"]),
               (f"gate-only ({design})", lambda e: e["gates"][design]["gate-only"])]
     sources = list(result["sources"])
