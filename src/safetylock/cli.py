@@ -355,8 +355,10 @@ def ood_command(
     model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
     adapter: AdapterOpt = None,
     attack: Annotated[str, typer.Option("--attack", help="The fine-tune's name in the tables (e.g. harmful-10).")] = "none",
-    designs: Annotated[Optional[str], typer.Option("--designs", help="Gate designs, comma list: builtin, heads:K, all, "
-                                                   "each optionally @benign:Q (default: builtin,heads:8,all,all@benign:0.05).")] = None,
+    designs: Annotated[Optional[str], typer.Option("--designs", help="Gate designs, comma list: builtin, or "
+                                                   "[refusal:]heads:K / [refusal:]all, each optionally @benign:Q or "
+                                                   "@deployed:Q (refusal: labels = the base refuses; default: "
+                                                   "the designs listed in docs/ood.md).")] = None,
     prompt_attacks: Annotated[Optional[str], typer.Option("--prompt-attacks", help="Comma list: prefill, two-turn, "
                                                           "persona, jailbreak:NAME, or all.")] = None,
     attack_prompts: Annotated[int, typer.Option("--attack-prompts", min=1, help="Eval prompts per harmful source under each prompt attack.")] = 8,
@@ -367,6 +369,8 @@ def ood_command(
     pairs: Annotated[int, typer.Option("--pairs", min=2, help="Contrast pairs per fold's lock.")] = 64,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 40,
     verify: Annotated[int, typer.Option("--verify", min=0, help="Prompts per harmful source re-run through the real conditional hooks.")] = 8,
+    verify_design: Annotated[Optional[str], typer.Option("--verify-design", help="The design --verify re-runs (default: "
+                                                         "the first one other than builtin).")] = None,
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     dtype: DtypeOpt = "auto",
@@ -383,7 +387,9 @@ def ood_command(
                            designs=tuple(_split_list([designs] if designs else None, DESIGNS)), judge=judge,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, pairs=pairs, alpha=alpha, limit=limit,
                            fit_limit=fit_limit, prompt_attacks=tuple(attacks), attack_prompts=attack_prompts,
-                           verify=verify, dtype=dtype)
+                           verify=verify, verify_design=verify_design, dtype=dtype)
+    if verify_design is not None and verify_design not in settings.designs:
+        raise SafetylockError(f"--verify-design '{verify_design}' is not among --designs; add it there")
     result = run_ood(settings, out)
     console.print(ood_markdown(result), markup=False, highlight=False)
 
@@ -561,8 +567,13 @@ def extract_command(
     alpha: Annotated[float, typer.Option("--alpha", callback=_alpha, help="Default strength stored in the lock.")] = 1.5,
     conditional: Annotated[bool, typer.Option("--conditional/--no-conditional", help="Also fit a harmfulness gate "
                                               "so the lock can apply conditionally at run time.")] = True,
-    gate: Annotated[str, typer.Option("--gate", help="Gate design: builtin (64 built-in prompts, 8 heads), or heads:K / "
-                                      "all [@benign:Q] fitted on every out-of-distribution source's extract split.")] = "builtin",
+    gate: Annotated[str, typer.Option("--gate", help="Gate design: builtin (64 built-in prompts, 8 heads), or "
+                                      "[refusal:]heads:K / [refusal:]all [@benign:Q] fitted on every out-of-distribution "
+                                      "source's extract split (refusal: lock where this base refuses).")] = "builtin",
+    gate_reads: Annotated[str, typer.Option("--gate-reads", help="What the gate reads at run time: model (the deployed "
+                                            "model) or base (a LoRA fine-tune's adapter switched off for the decision).")] = "model",
+    gate_limit: Annotated[Optional[int], typer.Option("--gate-limit", min=2, help="Extract prompts per source for a "
+                                                      "fitted gate (default: all).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -571,10 +582,13 @@ def extract_command(
 
     from .gates import gate_lock, parse_design
     from .lock import describe, extract
+    from .lock import GATE_READS
     from .models import load_model
 
     if gate != "builtin":
         parse_design(gate)
+    if gate_reads not in GATE_READS:
+        raise SafetylockError(f"bad --gate-reads '{gate_reads}'; use {' or '.join(GATE_READS)}")
     check_writable_file(out)
     triples = _read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
     m, tok = load_model(model, dtype=dtype)
@@ -582,7 +596,8 @@ def extract_command(
     lk = extract(m, tok, triples, heads=heads or 100_000, positions=positions, seed=seed, alpha=alpha, batch_size=batch_size,
                  progress=True, name=model)
     if conditional:
-        lk = gate_lock(lk, m, tok, gate, seed=seed, batch_size=batch_size, progress=True)
+        lk = gate_lock(lk, m, tok, gate, reads=gate_reads, seed=seed, batch_size=batch_size, limit=gate_limit,
+                       progress=True)
     lk.save(out)
     err.print(f"extracted {len(lk)} heads from {len(triples)} pairs in {time.perf_counter() - start:.1f} s")
     console.print(describe(lk), markup=False, highlight=False)

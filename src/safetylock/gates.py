@@ -7,8 +7,11 @@ labels and the threshold:
 
 - `heads:K`: the K heads whose single-head probes separate best on held-out prompts (today's gate, K = 8);
 - `all`: every head of every layer, one L2 logistic;
-- threshold `logit` (0) or `benign:Q`: the score that a share Q of the fitting benign prompts pass, from
-  cross-validated scores, so the benign firing rate is chosen, not found.
+- labels (prefix): the source's harm label (default), or `refusal:`, whether the base itself refuses the prompt
+  ("back to the base's standard" means locking exactly where the base would refuse; no harm labels needed);
+- threshold `logit` (0), `benign:Q` (the score that a share Q of the fitting benign prompts pass, from
+  cross-validated scores, so the benign firing rate is chosen, not found) or `deployed:Q` (the same share set
+  on the guarded model's own benign prompts, `recalibrate`).
 
 Every source weighs the same in a fit, whatever its size: a gate must not learn one benchmark's phrasing.
 """
@@ -135,9 +138,20 @@ def _rank_heads(features: torch.Tensor, y: np.ndarray, w: np.ndarray, k: int, se
     return [(int(i // n_heads), int(i % n_heads)) for i in flat]
 
 
-def parse_design(design: str) -> tuple[str, int | None, str]:
-    """Return (heads: 'top' or 'all', K or None, threshold spec) for 'heads:K[@T]' or 'all[@T]'."""
-    head_part, _, threshold = design.partition("@")
+@dataclass(frozen=True)
+class Design:
+    """A parsed gate design: its labels, the heads it reads and its threshold."""
+
+    labels: str  # "harm": the source's label; "refusal": whether the base refuses the prompt
+    heads: str  # "top" (the k best single-head probes) or "all"
+    k: int | None
+    threshold: str  # "logit", "benign:Q" or "deployed:Q"
+
+
+def parse_design(design: str) -> Design:
+    """Parse '[refusal:]heads:K[@T]' or '[refusal:]all[@T]' (T: logit, benign:Q or deployed:Q)."""
+    labels, body = ("refusal", design[len("refusal:"):]) if design.startswith("refusal:") else ("harm", design)
+    head_part, _, threshold = body.partition("@")
     threshold = threshold or "logit"
     if threshold != "logit":
         if not threshold.startswith(("benign:", "deployed:")):
@@ -149,10 +163,11 @@ def parse_design(design: str) -> tuple[str, int | None, str]:
         if not 0.0 < q < 1.0:
             raise SafetylockError(f"bad gate threshold '{threshold}'; use benign:Q or deployed:Q with 0 < Q < 1, e.g. benign:0.05")
     if head_part == "all":
-        return "all", None, threshold
+        return Design(labels, "all", None, threshold)
     if head_part.startswith("heads:") and head_part[6:].isdigit() and int(head_part[6:]) >= 1:
-        return "top", int(head_part[6:]), threshold
-    raise SafetylockError(f"bad gate design '{design}'; use heads:K or all, optionally @benign:Q (e.g. all@benign:0.05)")
+        return Design(labels, "top", int(head_part[6:]), threshold)
+    raise SafetylockError(f"bad gate design '{design}'; use [refusal:]heads:K or [refusal:]all, optionally "
+                          "@benign:Q or @deployed:Q (e.g. refusal:all@benign:0.05)")
 
 
 def fit_gate(features: torch.Tensor, labels: Sequence[int], sources: Sequence[str], design: str = "heads:8", *,
@@ -160,7 +175,8 @@ def fit_gate(features: torch.Tensor, labels: Sequence[int], sources: Sequence[st
     """Return a gate fitted on per-prompt features (1 = lock this prompt) with every source weighted equally."""
     from sklearn.model_selection import StratifiedKFold
 
-    kind, k, threshold = parse_design(design)
+    d = parse_design(design)
+    kind, k, threshold = d.heads, d.k, d.threshold
     y = np.asarray(labels, dtype=int)
     if y.min(initial=1) == y.max(initial=0) or len(y) != features.shape[0]:
         raise SafetylockError("a gate needs features and both labels (prompts to lock and prompts to leave)")
@@ -211,8 +227,16 @@ def recalibrate(gate: GateFit, benign_features: torch.Tensor, sources: Sequence[
     return replace(gate, bias=gate.bias - cut, about=about)
 
 
-def with_gate(lock: Any, gate: GateFit, n_template: int) -> Any:
-    """Return a copy of `lock` whose conditional gate is `gate` (directions, stds and alpha unchanged)."""
+def with_gate(lock: Any, gate: GateFit, n_template: int, reads: str = "model") -> Any:
+    """Return a copy of `lock` whose conditional gate is `gate` (directions, stds and alpha unchanged).
+
+    `reads`: 'model' (the gate reads the deployed model) or 'base' (its peft adapter switched off for the
+    decision, so a gate fitted on the base reads what it was fitted on; `lock.gate.gate_reading`).
+    """
+    from .lock.gate import GATE_READS
+
+    if reads not in GATE_READS:
+        raise SafetylockError(f"bad gate reading '{reads}'; use {' or '.join(GATE_READS)}")
     out = replace(lock, metadata=copy.deepcopy(lock.metadata))
     out.cond_layers = torch.tensor(gate.layers, dtype=torch.long)
     out.cond_heads = torch.tensor(gate.heads, dtype=torch.long)
@@ -220,8 +244,24 @@ def with_gate(lock: Any, gate: GateFit, n_template: int) -> Any:
     out.cond_scale = torch.from_numpy(gate.scale).float()
     out.cond_weight = torch.from_numpy(gate.weight).float()
     out.cond_bias = torch.tensor([gate.bias], dtype=torch.float32)
-    out.metadata["condition"] = {"template_tokens": n_template, "heads": len(gate.layers), **gate.about}
+    out.metadata["condition"] = {"template_tokens": n_template, "heads": len(gate.layers), **gate.about, "reads": reads}
     return out
+
+
+REFUSAL_JUDGE = "relevance:0.25"  # the best judge on human labels (bench/judges/HUMAN.md)
+
+
+def refusal_labels(model: Any, tokenizer: Any, texts: Sequence[str], *, system: str | None = None,
+                   judge: str = REFUSAL_JUDGE, max_new_tokens: int = 40, batch_size: int = 8,
+                   progress: bool = False) -> list[int]:
+    """Return 1 for each prompt the model refuses (its greedy reply, judged), else 0: the labels of a
+    `refusal:` gate, run on the aligned base, so the gate locks exactly where the base would refuse."""
+    from .generate import generate
+    from .judges import get_judge
+
+    replies = generate(model, tokenizer, texts, system=system, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=progress).texts
+    return [int(j.refused) for j in get_judge(judge).judge_many(list(texts), replies)]
 
 
 def fit_gate_on_sources(model: Any, tokenizer: Any, design: str, *, harmful: Sequence[str] | None = None,
@@ -229,14 +269,15 @@ def fit_gate_on_sources(model: Any, tokenizer: Any, design: str, *, harmful: Seq
                         seed: int = 0, batch_size: int = 8, progress: bool = False) -> GateFit:
     """Return a gate fitted on the extract splits of every out-of-distribution source (or the ones named).
 
-    Harmful sources are the prompts to lock, benign ones the prompts to leave; `limit` caps each source.
+    Harmful sources are the prompts to lock, benign ones the prompts to leave, or with a `refusal:` design the
+    prompts `model` (the aligned base) refuses are the ones to lock; `limit` caps each source.
     """
     from .data import OOD_BENIGN, OOD_HARMFUL, load_benchmark
     from .files import sha256_text
     from .generate import format_chat
     from .lock import template_token_count
 
-    parse_design(design)
+    by_refusal = parse_design(design).labels == "refusal"
     texts: list[str] = []
     labels: list[int] = []
     sources: list[str] = []
@@ -249,26 +290,39 @@ def fit_gate_on_sources(model: Any, tokenizer: Any, design: str, *, harmful: Seq
     chats = [format_chat(tokenizer, t, system) for t in texts]
     feats = template_features(model, tokenizer, chats, n_template=template_token_count(tokenizer),
                               batch_size=batch_size, progress=progress)
+    if by_refusal:
+        labels = refusal_labels(model, tokenizer, texts, system=system, batch_size=batch_size, progress=progress)
     gate = fit_gate(feats, labels, sources, design, seed=seed)
     gate.about.update({"split": "extract", "system": system, "seed": seed,
                        "prompts_sha256": sha256_text("\n".join(texts))})
     return gate
 
 
-def gate_lock(lock: Any, model: Any, tokenizer: Any, design: str = "builtin", *, seed: int = 0, batch_size: int = 8,
-              progress: bool = False) -> Any:
+def gate_lock(lock: Any, model: Any, tokenizer: Any, design: str = "builtin", *, reads: str = "model", seed: int = 0,
+              batch_size: int = 8, limit: int | None = None, progress: bool = False) -> Any:
     """Return `lock` with a harmfulness gate: `builtin` (the 64 built-in gate prompts, 8 heads) or a design
-    fitted on every out-of-distribution source's extract split (`fit_gate_on_sources`)."""
+    fitted on every out-of-distribution source's extract split (`fit_gate_on_sources`, `limit` per source);
+    `reads` says what the gate reads at run time (`with_gate`)."""
     from .lock import fit_condition, template_token_count
 
     if design == "builtin":
         from .data import gate_prompts
 
-        return fit_condition(lock, model, tokenizer, *gate_prompts(64, seed), seed=seed, batch_size=batch_size,
-                             progress=progress)
-    gate = fit_gate_on_sources(model, tokenizer, design, seed=seed, batch_size=batch_size, progress=progress)
-    return with_gate(lock, gate, template_token_count(tokenizer))
+        out = fit_condition(lock, model, tokenizer, *gate_prompts(64, seed), seed=seed, batch_size=batch_size,
+                            progress=progress)
+        return out if reads == "model" else with_gate(out, installed_gate(out), template_token_count(tokenizer), reads)
+    gate = fit_gate_on_sources(model, tokenizer, design, seed=seed, batch_size=batch_size, limit=limit,
+                               progress=progress)
+    return with_gate(lock, gate, template_token_count(tokenizer), reads=reads)
 
 
-__all__ = ["GateFit", "fit_gate", "fit_gate_on_sources", "gate_lock", "recalibrate", "parse_design", "source_weights", "template_features",
+def installed_gate(lock: Any) -> GateFit:
+    """Return a lock's installed gate as a GateFit (scores identical to `Lock.condition_logits`)."""
+    return GateFit([int(x) for x in lock.cond_layers], [int(x) for x in lock.cond_heads],
+                   lock.cond_mean.double().numpy(), lock.cond_scale.double().numpy(),
+                   lock.cond_weight.double().numpy(), float(lock.cond_bias.reshape(-1)[0]),
+                   {"design": "builtin", **lock.metadata.get("condition", {})})
+
+
+__all__ = ["Design", "GateFit", "fit_gate", "fit_gate_on_sources", "gate_lock", "installed_gate", "recalibrate", "refusal_labels", "parse_design", "source_weights", "template_features",
            "with_gate"]

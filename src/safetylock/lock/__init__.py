@@ -35,7 +35,7 @@ from .capture import Activations, head_activations
 from .method import HeadFit, fit_heads, rank_heads, split_pairs
 from .extraction import extract
 from .apply import unbake
-from .gate import fit_condition
+from .gate import GATE_READS, fit_condition, gate_reading, gate_reads
 from .transfer import TransferReport, check_transfer, projection_accuracy
 from .export import EXPORT_KIND, EXPORT_LAYOUT, export_locked
 from .inspect import describe, heatmap_text, plot_heatmap
@@ -58,6 +58,7 @@ __all__ = [
     "EXPORT_LAYOUT",
     "FORMAT",
     "FORMAT_VERSION",
+    "GATE_READS",
     "SHAPE_KEYS",
     "SOFT_KEYS",
     "Activations",
@@ -73,6 +74,8 @@ __all__ = [
     "export_locked",
     "extract",
     "fit_condition",
+    "gate_reading",
+    "gate_reads",
     "fit_heads",
     "head_activations",
     "heatmap_text",

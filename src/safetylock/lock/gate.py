@@ -4,8 +4,9 @@ sequences a conditional lock shifts (`fit_condition`, `Lock.applied(..., conditi
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,32 @@ def fit_condition(
     return out
 
 
+GATE_READS = ("model", "base")
+
+
+def gate_reads(lock: Lock) -> str:
+    """Return what the gate reads: 'model' (the deployed model as it is) or 'base' (its adapter switched off)."""
+    reads = str(lock.metadata.get("condition", {}).get("reads", "model"))
+    if reads not in GATE_READS:
+        raise SafetylockError(f"this lock's gate reads '{reads}'; this version knows {', '.join(GATE_READS)}")
+    return reads
+
+
+@contextlib.contextmanager
+def gate_reading(lock: Lock, model: Any) -> Iterator[None]:
+    """Inside the block the model computes what the gate should read.
+
+    A gate that reads the base switches a peft adapter off for the decision (the fine-tune's own reply is
+    unchanged): a fine-tune moves the features a gate fitted on the base reads. A model without an adapter is
+    read as it is (a merged fine-tune cannot be told from its base here: give it a `deployed:` threshold).
+    """
+    if gate_reads(lock) == "base" and hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
 def gate_logits_on_ids(lock: Lock, model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Return the gate's logit per row of a (left-padded) batch of token ids (> 0: the gate fires).
 
@@ -134,7 +161,7 @@ def gate_logits_on_ids(lock: Lock, model: Any, ids: torch.Tensor, mask: torch.Te
 
     handles = [o_proj(model, layer).register_forward_pre_hook(capture(layer)) for layer in wanted]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), gate_reading(lock, model):
             _run_quietly(decoder_model(model), ids, mask)
     finally:
         for handle in handles:
@@ -187,8 +214,9 @@ def condition_logits(lock: Lock, model: Any, tokenizer: Any, prompts: Sequence[s
         raise SafetylockError("this lock has no harmfulness probe; fit one with fit_condition")
     assert lock.cond_layers is not None and lock.cond_heads is not None and lock.cond_weight is not None
     assert lock.cond_mean is not None and lock.cond_scale is not None and lock.cond_bias is not None
-    acts = head_activations(model, tokenizer, [(p, None) for p in prompts], "template",
-                            layers=sorted(set(lock.cond_layers.tolist())))
+    with gate_reading(lock, model):
+        acts = head_activations(model, tokenizer, [(p, None) for p in prompts], "template",
+                                layers=sorted(set(lock.cond_layers.tolist())))
     feats = _condition_features(acts, len(prompts), lock.cond_layers.tolist(), lock.cond_heads.tolist())
     logits = ((feats - lock.cond_mean.double()) / lock.cond_scale.double()) @ lock.cond_weight.double()
     return logits + float(lock.cond_bias.reshape(-1)[0])

@@ -74,5 +74,7 @@ def describe(lock: Lock) -> str:
     ]
     if lock.has_condition:
         cond = lock.metadata.get("condition", {})
-        lines.append(f"harmfulness probe: {cond.get('heads')} heads, val accuracy {cond.get('val_accuracy')}")
+        design = cond.get("design", "builtin")
+        lines.append(f"gate: {design}, {cond.get('heads')} heads, reads the {cond.get('reads', 'model')}"
+                     + (f", val accuracy {cond['val_accuracy']}" if "val_accuracy" in cond else ""))
     return "\n".join(lines)
