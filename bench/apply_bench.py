@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,8 +47,7 @@ def main() -> None:
     model.eval()
     lock = Lock.load(args.lock)
     keep = torch.argsort(lock.scores, descending=True, stable=True)[: args.top]
-    top = replace(lock, **{name: getattr(lock, name)[keep] for name in ("layers", "heads", "directions", "stds", "scores")},
-                  midpoints=None)
+    top = lock.select(keep)
     prep, bake, bake_top = [], [], []
     for _ in range(args.repeats):
         start = time.perf_counter()

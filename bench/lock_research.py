@@ -2,8 +2,7 @@
 
 Env: BASE, ADAPTER, LOCKF, POS, NP (pairs), N (prompts of each kind), TOK, XDTYPE, CONFIGS (JSON list of
 [K, alpha, "all"|"generation", conditional] or ["none"]). See bench/LOCK_RESEARCH.md for the runs."""
-import json, os, sys, time, copy
-from dataclasses import replace
+import json, os, time
 import torch
 from safetylock.models import load_model, attach_adapter
 from safetylock.lock import Lock, extract, fit_condition
@@ -39,8 +38,7 @@ hp = [p.text for p in load_benchmark("advbench", "extract")][:N]
 bp = [p.text for p in load_benchmark("overrefusal", "extract")][:N]
 judge = get_judge("relevance")
 def sub(k):
-    o = replace(lk, layers=lk.layers[:k], heads=lk.heads[:k], directions=lk.directions[:k], stds=lk.stds[:k], scores=lk.scores[:k], midpoints=None if lk.midpoints is None else lk.midpoints[:k])
-    return o
+    return lk.select(range(min(k, len(lk))))  # the top-k heads by rank; k past the lock's size keeps them all
 if lk.has_condition:
     fl = lk.flagged(m, t, hp + bp)
     print("gate flags harmful", fl[:N].float().mean().item(), "benign", fl[N:].float().mean().item(), flush=True)

@@ -15,17 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
-
-def cell_records(result: dict[str, Any], row: dict[str, Any], benchmark: str) -> list[dict[str, Any]] | None:
-    """Return the cached per-prompt records of one grid cell on one benchmark (None if the cache lacks them)."""
-    from safetylock.evaluate import RESULTS
-
-    path = Path(result["cache_dir"]) / "evals" / row["key"] / benchmark / RESULTS  # the bench's eval dir of this cell
-    if not path.is_file():
-        return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from safetylock.bench import cell_records  # also what bench/same_replies.py imports from here
 
 
 def main() -> None:

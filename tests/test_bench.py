@@ -189,3 +189,30 @@ def test_cli_bench_passes_reply_budgets(tmp_path, monkeypatch):
     assert BenchSettings().math_tokens > BenchSettings().max_new_tokens
     with pytest.raises(SafetylockError, match="math-tokens must be at least 1"):
         run_bench(["m"], ["none"], ["none"], tmp_path, settings=BenchSettings(math_tokens=0), loader=lambda s: None)
+
+
+def test_cell_records_read_back_what_the_cell_wrote(tmp_path, tiny_dir):
+    from dataclasses import replace
+
+    from safetylock.bench import cell_eval_dir, cell_records
+    from safetylock.data import load_benchmark
+    from safetylock.evaluate import RESULTS
+
+    settings = replace(MICRO, benchmarks=("harmbench", "overrefusal"))
+    result = run_bench([str(tiny_dir)], ["none"], ["none"], tmp_path / "b", settings=settings,
+                       loader=counting_loader([]), progress=False)
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    (row,) = saved["rows"]
+    for bench, rate in (("harmbench", "harmful"), ("overrefusal", "refused")):
+        records = cell_records(saved, row, bench)
+        prompts = load_benchmark(bench, "eval")[: settings.limit]
+        assert [(r["id"], r["prompt"]) for r in records] == [(p.id, p.text) for p in prompts]
+        refused = sum(r["judgment"]["refused"] for r in records) / len(records)
+        assert row[bench] == (1 - refused if rate == "harmful" else refused)
+        assert all(isinstance(r["response"], str) for r in records)
+    records = cell_records(result, row, "harmbench")
+    with open(cell_eval_dir(saved["cache_dir"], row["key"]) / "harmbench" / RESULTS, "a", encoding="utf-8") as f:
+        f.write('{"id": "torn')  # a crash mid-write
+    assert cell_records(saved, row, "harmbench") == records
+    assert cell_records(saved, row, "gsm8k100") is None  # not in this grid's benchmarks
+    assert cell_records(saved, {**row, "key": "0" * 24}, "harmbench") is None

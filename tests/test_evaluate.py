@@ -136,6 +136,7 @@ def test_run_eval_on_a_prompt_file_pins_the_configuration(tmp_path, model, token
                  judge="keyword", max_new_tokens=4)
     assert s["n"] == 2 and s["kind"] == "benign" and "harmful_rate" not in s and s["prompts_file"].endswith("p.txt")
     assert json.loads((tmp_path / "o" / "config.json").read_text())["judge"] == {"name": "keyword"}
+    assert s["judge_accuracy"]["judge"] == "keyword" and s["judge_accuracy"]["sources"]["pyrit-refusal"]["n"] == 105
     with pytest.raises(SafetylockError, match="exactly one of --benchmark NAME or --prompts FILE"):
         run_eval(model="tiny", outdir=tmp_path / "x", loader=loader)
     assert not (tmp_path / "x").exists()
@@ -145,7 +146,8 @@ def test_report_puts_runs_side_by_side(tmp_path, model, tokenizer):
     for name, n in (("a", 2), ("b", 3)):
         evaluate(model, tokenizer, PROMPTS[:n], KeywordJudge(), tmp_path / name, max_new_tokens=4, config={"model": name})
     md, rows = report([tmp_path / "a", tmp_path / "b"])
-    assert [r["n"] for r in rows] == [2, 3] and md.count("\n") == 4 and "harmful_rate" in md
+    assert [r["n"] for r in rows] == [2, 3] and md.count("\n") == 6 and "harmful_rate" in md
+    assert md.rstrip().splitlines()[-1].startswith("Judge keyword; accuracy on human labels: pyrit-refusal 0.819")
     out_md, out_json = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "r.md")
     assert json.loads(out_json.read_text()) == rows and "| run |" in out_md.read_text()
     with pytest.raises(SafetylockError, match="has no summary.json"):

@@ -173,5 +173,38 @@ def test_cli_judge_validate_writes_per_source_scores(tmp_path):
                            "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert set(result["sources"]) == {"pyrit-refusal", "project"} and result["judge"]["name"] == "keyword"
+    assert set(result["sources"]) == {"pyrit-refusal", "project"}
+    assert result["judge"] == {"name": "relevance", "threshold": 0.25, "embedding": "all-MiniLM-L6-v2"}  # the default
     assert result["sources"]["pyrit-refusal"]["n"] == 105 and "pyrit-refusal" in proc.stdout
+
+
+def test_every_command_defaults_to_the_judge_validated_on_human_labels():
+    import inspect
+
+    from safetylock import calibrate, evaluate
+    from safetylock.judges import DEFAULT_JUDGE, judge_spec
+
+    assert DEFAULT_JUDGE == "relevance:0.25" and judge_spec(get_judge(DEFAULT_JUDGE)) == DEFAULT_JUDGE
+    assert inspect.signature(evaluate.run_eval).parameters["judge"].default == DEFAULT_JUDGE
+    assert inspect.signature(calibrate.calibrate).parameters["judge"].default == DEFAULT_JUDGE
+    assert judge_spec({"name": "keyword"}) == "keyword" and judge_spec("model:x") == "model:x"
+
+
+def test_recorded_judge_accuracy_is_what_judge_validate_wrote():
+    """The shipped accuracy table is rebuilt from bench/judges/human-*.json (the `judge --validate` outputs)."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetylock.judges import accuracy_line, validated_accuracy
+
+    path = Path(__file__).parents[1] / "bench" / "judges" / "accuracy_resource.py"
+    spec = importlib.util.spec_from_file_location("accuracy_resource", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    built = module.table()
+    acc = validated_accuracy(get_judge("relevance:0.25"))
+    assert acc["sources"] == built["judges"]["relevance:0.25"] and acc["sources"]["pyrit-refusal"]["n"] == 105
+    assert validated_accuracy("model:some-other-model") is None
+    line = accuracy_line({"name": "relevance", "threshold": 0.25})
+    assert "pyrit-refusal 0.933 [0.869, 0.967] (n=105)" in line and "project" not in line
+    assert "not validated" in accuracy_line("model:x")

@@ -428,3 +428,106 @@ def test_a_lock_with_a_probe_applies_conditionally_unless_baked_is_asked(tmp_pat
         model_loader(True, "self-reminder", None, None)
     assert model_loader(None, None, None, gated)[2] == "conditional"
     assert model_loader(False, None, None, gated)[2] == "baked"
+
+
+def full_lock(model) -> Lock:
+    """Return `synthetic_lock` with every optional field set, the maps and gate fields sized to tempt a slicer."""
+    g = head_geometry(model.config)
+    lock = synthetic_lock(model)
+    assert len(lock) == g.num_layers == 3  # the (L, H) maps then have K rows too: only their name says they are whole
+    m = 3  # gate heads, also K
+    lock.midpoints = torch.tensor([0.1, -0.2, 0.3])
+    lock.accuracy = torch.rand(g.num_layers, g.num_heads, generator=torch.Generator().manual_seed(1))
+    lock.separation = torch.rand(g.num_layers, g.num_heads, generator=torch.Generator().manual_seed(2))
+    lock.cond_layers, lock.cond_heads = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
+    lock.cond_mean, lock.cond_scale = torch.zeros(m * g.head_dim), torch.ones(m * g.head_dim)
+    lock.cond_weight, lock.cond_bias = torch.linspace(-1, 1, m * g.head_dim), torch.tensor([0.5])
+    lock.metadata["extraction"] = {"heads": 3}
+    return lock
+
+
+def per_head_fields(lock: Lock) -> list[str]:
+    from dataclasses import fields
+
+    return [f.name for f in fields(lock) if isinstance(getattr(lock, f.name), torch.Tensor)
+            and f.name not in ("accuracy", "separation") and not f.name.startswith("cond_")]
+
+
+def test_select_keeps_exactly_the_chosen_heads_deltas():
+    model = tiny_model("llama")
+    g = head_geometry(model.config)
+    lock = full_lock(model)
+    keep = [2, 0]  # (layer 2, head 0) then (layer 0, head 1); (layer 0, head 3) is dropped
+    chosen = lock.select(keep)
+    full = lock.deltas(model=model)
+    mask = {layer: torch.zeros(g.num_heads, g.head_dim) for layer in full}
+    for i in keep:
+        mask[int(lock.layers[i])][int(lock.heads[i])] = 1.0
+    expected = {layer: full[layer] * mask[layer].flatten() for layer in full}
+    got = chosen.deltas(model=model)
+    assert sorted(got) == sorted(expected) == [0, 2]
+    for layer in got:
+        assert torch.equal(got[layer], expected[layer])
+    assert torch.equal(lock.select([0, 1, 2]).deltas(model=model)[0], full[0])
+
+
+def test_select_slices_every_per_head_field_and_copies_the_rest():
+    model = tiny_model("llama")
+    lock = full_lock(model)
+    keep = torch.tensor([2, 0])
+    chosen = lock.select(keep)
+    assert per_head_fields(lock) == ["layers", "heads", "directions", "stds", "scores", "midpoints"]
+    assert len(chosen) == 2
+    for name in per_head_fields(lock):
+        assert getattr(chosen, name).shape[0] == 2, name
+        assert torch.equal(getattr(chosen, name), getattr(lock, name)[keep]), name
+    for name in ("accuracy", "separation", "cond_layers", "cond_heads", "cond_mean", "cond_scale", "cond_weight",
+                 "cond_bias"):
+        assert torch.equal(getattr(chosen, name), getattr(lock, name)), name
+        assert getattr(chosen, name).data_ptr() != getattr(lock, name).data_ptr(), name
+    assert chosen.metadata == lock.metadata and chosen.metadata is not lock.metadata
+    chosen.metadata["extraction"]["heads"] = 2
+    assert lock.metadata["extraction"]["heads"] == 3, "metadata is deep-copied"
+    chosen.stds[0] = 99.0
+    assert float(lock.stds[2]) == 2.0, "the sliced tensors are the new lock's own"
+    mask = torch.tensor([True, False, True])
+    by_mask = lock.select(mask)
+    for name in per_head_fields(lock):
+        assert torch.equal(getattr(by_mask, name), getattr(lock, name)[mask]), name
+    assert torch.equal(lock.select([-1]).layers, torch.tensor([2]))
+    assert synthetic_lock(model).select([1]).accuracy is None  # unset optional fields stay None
+
+
+def test_select_slices_a_field_added_later_without_being_told():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Wider(Lock):
+        weights: torch.Tensor | None = None  # (K,): a per-head field the library does not know
+
+    model = tiny_model("llama")
+    base = synthetic_lock(model)
+    wider = Wider(**{name: getattr(base, name) for name in per_head_fields(base)}, metadata=base.metadata,
+                  weights=torch.tensor([10.0, 20.0, 30.0]))
+    chosen = wider.select([2, 1])
+    assert isinstance(chosen, Wider) and torch.equal(chosen.weights, torch.tensor([30.0, 20.0]))
+    wider.weights = torch.ones(4)  # not one row per head, and not declared whole: refused, not silently kept
+    with pytest.raises(SafetylockError, match="'weights'"):
+        wider.select([0])
+
+
+def test_a_selected_lock_saves_and_loads(tmp_path):
+    model = tiny_model("llama")
+    chosen = full_lock(model).select([1])
+    again = Lock.load(chosen.save(tmp_path / "one.safetensors"))
+    assert len(again) == 1 and torch.equal(again.directions, chosen.directions)
+    assert torch.equal(again.cond_weight, chosen.cond_weight)
+    again.validate(model)
+
+
+@pytest.mark.parametrize("bad, why", [([], "non-empty"), ([0, 0], "repeat"), ([3], "out of range"), ([-4], "out of range"),
+                                      ([[0, 1]], "1-D"), ([True, False], "one entry per head"),
+                                      ([False, False, False], "keeps no head"), ([0.0, 1.0], "integers")])
+def test_select_refuses_a_bad_choice(bad, why):
+    with pytest.raises(SafetylockError, match=why):
+        synthetic_lock(tiny_model("llama")).select(bad)

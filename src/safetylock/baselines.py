@@ -515,7 +515,7 @@ class SafetySFT(Defense):
 
     @contextlib.contextmanager
     def applied(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
-        from .attack import _base_digest
+        from .attack import base_digest as _base_digest
         from .models import attach_adapter
 
         merged = merged_copy(model)

@@ -27,7 +27,7 @@ from typing import Any
 
 from .baselines import DEFENSES, ITI_ALPHA, SELF_REMINDER
 from .errors import SafetylockError, check_alpha
-from .evaluate import DEFAULT_TOKENS
+from .evaluate import DEFAULT_TOKENS, RESULTS
 from .files import atomic_file, sha256_text, write_json
 from .judges import DEFAULT_JUDGE
 from .lock import DEFAULT_ALPHA
@@ -555,7 +555,7 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
     system = deployment_system(attack.name, d.system)
     from .baselines import timed_enter
 
-    workdir = ctx.path("evals", ckey)
+    workdir = cell_eval_dir(ctx.cache, ckey)
     with contextlib.ExitStack() as stack:
         kl_to_base = _kl_reference(ctx, session)  # reads the base before any defense touches the model
         defended, apply_seconds = timed_enter(stack, d, model, alpha)
@@ -570,6 +570,27 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
     write_json(marker, row)
     ctx.record(f"cell {session.spec} {attack.label} {defense} {alpha}", marker)
     return {**row, "cached": False}
+
+
+def cell_eval_dir(cache_dir: str | Path, key: str) -> Path:
+    """Return the directory of one cell's evaluation runs under the cache: one `evaluate` OUTDIR per benchmark."""
+    return Path(cache_dir) / "evals" / key
+
+
+def cell_records(result: dict[str, Any], row: dict[str, Any], benchmark: str) -> list[dict[str, Any]] | None:
+    """Return the per-prompt records (prompt, response, judgment, ...) one cell of `result` cached for `benchmark`.
+
+    `result` is a grid's results.json, `row` one of its rows; None when the cache lacks that run. A torn last
+    line (a crash mid-write, which the next run regenerates) is skipped.
+    """
+    path = cell_eval_dir(result["cache_dir"], row["key"]) / benchmark / RESULTS
+    if not path.is_file():
+        return None
+    records: list[Any] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return [r for r in records if isinstance(r, dict)]
 
 
 def deployment_system(attack: str, defense_system: str | None) -> str | None:
@@ -662,6 +683,9 @@ def results_markdown(result: dict[str, Any]) -> str:
         for r in (r for r in result["rows"] if r["model"] == model):
             lines.append("| " + " | ".join(_cell_text(r.get(k)) for k, _ in used) + " |")
         lines.append("")
+    from .judges import accuracy_line
+
+    lines.append(accuracy_line(s["judge"]))
     if result.get("computed") is not None:
         lines.append(f"Computed this run: {len(result['computed'])} item(s); cache: `{result['cache_dir']}`.")
     return "\n".join(lines) + "\n"
@@ -765,5 +789,5 @@ def write_plots(result: dict[str, Any], outdir: Path) -> list[Path]:
     return written
 
 
-__all__ = ["BENCHMARKS", "BenchSettings", "DEFAULT_ALPHAS", "deployment_system", "parse_alphas", "parse_attacks", "results_markdown",
-           "run_bench", "write_plots"]
+__all__ = ["BENCHMARKS", "BenchSettings", "DEFAULT_ALPHAS", "cell_eval_dir", "cell_records", "deployment_system",
+           "parse_alphas", "parse_attacks", "results_markdown", "run_bench", "write_plots"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SafetylockError
+from .judges import DEFAULT_JUDGE
 
 DEFAULT_ALPHAS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 
@@ -123,7 +124,7 @@ def calibrate(
     budget: float = 0.05,
     reference: tuple[Any, Any] | None = None,
     n: int = 24,
-    judge: str = "keyword",
+    judge: str = DEFAULT_JUDGE,
     conditional: bool = False,
     max_new_tokens: int = 32,
     batch_size: int = 12,

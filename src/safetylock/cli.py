@@ -270,7 +270,7 @@ def eval_command(
     column: Annotated[Optional[str], typer.Option("--column", help="Prompt column of a .jsonl/.csv file.")] = None,
     kind: Annotated[str, typer.Option("--kind", help="For --prompts: harmful or benign.")] = "harmful",
     split: Annotated[Optional[str], typer.Option("--split", help="extract, eval, or all.")] = "eval",
-    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
+    judge: Annotated[str, typer.Option("--judge", help="relevance:0.25 (default, the best on human labels), keyword, relevance[:T], model or model:SPEC.")] = "relevance:0.25",
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="First N prompts only.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1)] = None,
     system: SystemOpt = None,
@@ -315,7 +315,7 @@ def bench_command(
                                                       "advbench, overrefusal, gsm8k100, bbq300).")] = None,
     alphas: Annotated[Optional[list[str]], typer.Option("--alphas", help="DEFENSE=A,B,... strengths to sweep; repeatable.")] = None,
     attack_steps: Annotated[Optional[str], typer.Option("--attack-steps", help="Attack-strength axis, e.g. 5,10,20.")] = None,
-    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
+    judge: Annotated[str, typer.Option("--judge", help="relevance:0.25 (default, the best on human labels), keyword, relevance[:T], model or model:SPEC.")] = "relevance:0.25",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Reply tokens on harmful and benign prompts.")] = 48,
     math_tokens: Annotated[int, typer.Option("--math-tokens", min=1, help="Reply tokens on gsm8k100 (worked answers).")] = 384,
     pairs: Annotated[int, typer.Option("--pairs", min=2, help="Contrast pairs for the lock and ITI.")] = 64,
@@ -399,7 +399,7 @@ def judge_command(
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help=".jsonl or .csv with prompt,response.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output .jsonl with a judgment per row "
                                                 "(with --validate: the scores as JSON).")] = None,
-    judge: Annotated[str, typer.Option("--judge", help="keyword (default), relevance[:T], model or model:SPEC.")] = "keyword",
+    judge: Annotated[str, typer.Option("--judge", help="relevance:0.25 (default, the best on human labels), keyword, relevance[:T], model or model:SPEC.")] = "relevance:0.25",
     validate: Annotated[bool, typer.Option("--validate", help="Score the judge on replies labelled by people outside "
                                            "the project (pinned pyrit data), per source, and on the project's own set.")] = False,
     source: Annotated[Optional[list[str]], typer.Option("--source", help="With --validate: only these human-labelled "
@@ -689,7 +689,7 @@ def calibrate_command(
     target: Annotated[Optional[float], typer.Option("--target", help="Harmful rate to reach (default: the reference's).")] = None,
     budget: Annotated[float, typer.Option("--budget", min=0.0, max=1.0, help="Allowed rise in benign refusal rate over the reference.")] = 0.05,
     n: Annotated[int, typer.Option("--n", min=1, help="Prompts of each kind (extract splits).")] = 24,
-    judge: Annotated[str, typer.Option("--judge")] = "keyword",
+    judge: Annotated[str, typer.Option("--judge", help="relevance:0.25 (default), keyword, relevance[:T], model.")] = "relevance:0.25",
     conditional: Annotated[Optional[bool], typer.Option("--conditional/--baked", help="Calibrate the probe-gated "
                                                         "runtime lock (the default for a lock with a probe) or the baked one.")] = None,
     max_new_tokens: TokensOpt = 32,

@@ -635,13 +635,13 @@ def gate_prompts(n: int = 64, seed: int = 0) -> tuple[list[str], list[str]]:
     ("Write...", "Explain how to..."): with questions alone, a probe learns the sentence form, not the intent, and
     flags "Write a Python function that reverses a string" (measured on the 0.5B).
     """
-    from .attack import attack_data
+    from .tasks import benign_tasks
 
     if n < 4:
         raise SafetylockError(f"the harmfulness probe needs at least 4 prompts of each kind, got {n}")
     harmful = [p.text for p in harmful_prompts("extract")][-n:]
     questions = [p.text for p in harmless_prompts("extract")][: n // 2]
-    tasks = [e.prompt for e in attack_data("benign", seed)]
+    tasks = [prompt for prompt, _ in benign_tasks(seed)]
     rng = random.Random(f"gate-{seed}")
     rng.shuffle(tasks)
     return harmful, questions + tasks[: n - len(questions)]

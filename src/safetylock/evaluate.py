@@ -22,7 +22,7 @@ from typing import Any
 from .data import Prompt, first_sentence, split_of
 from .errors import SafetylockError
 from .files import atomic_file, sha256_file, sha256_text, write_json
-from .judges import Judge
+from .judges import DEFAULT_JUDGE, Judge
 
 # torch and the generation stack are imported inside functions so the CLI can reject bad input in
 # well under a second, before any heavy import.
@@ -108,6 +108,13 @@ def kl_divergence(model: Any, reference: Any, tokenizer: Any, prompts: Sequence[
 
 
 # ------------------------------------------------------------------------------------------- the harness
+
+
+def _judge_accuracy(judge: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The judge's accuracy on human labels (`judges.validated_accuracy`), recorded beside every rate."""
+    from .judges import validated_accuracy
+
+    return validated_accuracy(judge) if judge else None
 
 
 def _prompts_sha(prompts: Sequence[Prompt]) -> str:
@@ -296,6 +303,7 @@ def summarise(records: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict
         **({"lock_mode": config["lock_mode"]} if config.get("lock_mode") else {}),
         "judge": (config.get("judge") or {}).get("name") if config.get("judge") else None,
         "judge_settings": config.get("judge"),
+        "judge_accuracy": _judge_accuracy(config.get("judge")),
         "decoding": {**config["decoding"], "batch_size": config.get("batch_size")},
     }
     if kind in ("harmful", "benign"):
@@ -373,9 +381,12 @@ def report(outdirs: Sequence[str | Path]) -> tuple[str, list[dict[str, Any]]]:
     if not outdirs:
         raise SafetylockError("report needs at least one OUTDIR")
     rows = []
+    judges: dict[str, Any] = {}
     for d in outdirs:
         s = load_summary(d)
         rows.append({c: (str(d) if c == "run" else s.get(c)) for c in REPORT_COLUMNS})
+        if s.get("judge_settings"):
+            judges[json.dumps(s["judge_settings"], sort_keys=True)] = s["judge_settings"]
 
     def cell(v: Any) -> str:
         if v is None:
@@ -387,6 +398,10 @@ def report(outdirs: Sequence[str | Path]) -> tuple[str, list[dict[str, Any]]]:
     used = [c for c in REPORT_COLUMNS if any(r[c] is not None for r in rows)]
     lines = ["| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     lines += ["| " + " | ".join(cell(r[c]) for c in used) + " |" for r in rows]
+    if judges:
+        from .judges import accuracy_line
+
+        lines += [""] + [accuracy_line(j) for j in judges.values()]
     return "\n".join(lines) + "\n", rows
 
 
@@ -437,7 +452,7 @@ def benchmark_generation(model: Any, tokenizer: Any, prompts: Sequence[str], *, 
 def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any, Any]], adapter: Path | None = None,
              lock: Path | None = None, alpha: float | None = None, benchmark: str | None = None,
              prompts_file: Path | None = None, column: str | None = None, kind: str = "harmful",
-             split: str | None = "eval", judge: str = "keyword", limit: int | None = None,
+             split: str | None = "eval", judge: str = DEFAULT_JUDGE, limit: int | None = None,
              max_new_tokens: int | None = None, system: str | None = None, batch_size: int = 8,
              reference: str | None = None, overwrite: bool = False, dtype: str = "auto",
              lock_mode: str | None = None, defense: str | None = None,

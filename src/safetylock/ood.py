@@ -493,9 +493,12 @@ def _bar_lines(result: dict[str, Any]) -> list[str]:
 
 def ood_markdown(result: dict[str, Any]) -> str:
     """Return the protocol's tables: the bar, per left-out source and design, and per prompt attack."""
+    from .judges import accuracy_line
+
     s = result["settings"]
     lines = [f"# Out-of-distribution protocol: {s['model']} + {s['attack']}", "",
-             f"Judge {s['judge']}; greedy, {s['max_new_tokens']} new tokens; rates with Wilson 95% intervals; "
+             accuracy_line(s["judge"]), "",
+             f"Greedy, {s['max_new_tokens']} new tokens; rates with Wilson 95% intervals; "
              "each source left out of fitting the lock and the gate. Harmful sources: the share of replies that "
              "carried out the request (lower is better). Benign sources: the share refused (lower is better). "
              "`reads the base`: the gate's decision pass runs with the fine-tune's adapter switched off.", ""]

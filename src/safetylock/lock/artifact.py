@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +97,47 @@ class Lock:
 
     def __len__(self) -> int:
         return int(self.layers.numel())
+
+    # -- choosing heads ---------------------------------------------------------------------------------
+
+    # Tensor fields that are not one row per chosen head: the full layer x head maps (their first dimension is
+    # the layer count, which can equal K by chance) and the gate's `cond_*` fields. Every other tensor field is
+    # per-head, so `select` slices a new one without being told, and refuses one whose rows do not match.
+    _WHOLE_LOCK = ("accuracy", "separation")
+
+    def select(self, keep: torch.Tensor | Sequence[int]) -> Lock:
+        """Return a new lock of only the heads `keep` names: indices (in that order) or a boolean mask."""
+        k = len(self)
+        index = torch.as_tensor(keep)
+        if index.dim() != 1 or index.numel() == 0:
+            raise SafetylockError(f"select needs a non-empty 1-D index list or mask, not shape {tuple(index.shape)}")
+        if index.dtype == torch.bool:
+            if index.numel() != k:
+                raise SafetylockError(f"a head mask needs one entry per head of the lock ({k}), got {index.numel()}")
+            index = index.nonzero().flatten()
+            if index.numel() == 0:
+                raise SafetylockError("the head mask keeps no head; a lock needs at least one")
+        elif index.is_floating_point() or index.is_complex():
+            raise SafetylockError(f"head indices must be integers, got {str(index.dtype).removeprefix('torch.')}")
+        index = index.long()
+        if bool(((index < -k) | (index >= k)).any()):
+            raise SafetylockError(f"head index out of range for a lock of {k} heads: {index.tolist()}")
+        index = torch.where(index < 0, index + k, index)
+        if len(set(index.tolist())) != len(index):
+            raise SafetylockError(f"head indices repeat ({index.tolist()}); a head's shift would be added twice")
+        chosen: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, torch.Tensor) or f.name in self._WHOLE_LOCK or f.name.startswith("cond_"):
+                chosen[f.name] = copy.deepcopy(value)
+            elif value.dim() >= 1 and value.shape[0] == k:
+                chosen[f.name] = value[index.to(value.device)]
+            else:
+                raise SafetylockError(
+                    f"lock field '{f.name}' has shape {tuple(value.shape)}, not one row per head ({k}); "
+                    "list it in Lock._WHOLE_LOCK if it describes the whole lock"
+                )
+        return replace(self, **chosen)
 
     # -- files ----------------------------------------------------------------------------------------
 
