@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 # mypy --strict on the lock package and the newer modules; the rest of the package is typed but not yet strict.
 TYPED := src/safetylock/lock src/safetylock/gates.py src/safetylock/ood.py src/safetylock/prompt_attacks.py \
-	src/safetylock/screen.py src/safetylock/repair.py src/safetylock/guard.py
+	src/safetylock/screen.py src/safetylock/repair.py src/safetylock/guard.py src/safetylock/deployment.py src/safetylock/arch.py
 
 test: $(STAMP)
 	$(BIN)/python -m mypy --strict $(TYPED)

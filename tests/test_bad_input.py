@@ -190,17 +190,14 @@ def test_output_dir_refused_at_the_end_leaves_the_users_dir_alone(tmp_path):
 # ------------------------------------------------------------------------------- eval's pinned configuration (3, 4)
 
 
-def _eval(tmp_path, tiny_dir, out, **extra):
+def _eval(tmp_path, tiny_dir, out, defense=None, defense_file=None, dtype="auto", **extra):
+    from safetylock.deployment import Deployment
     from safetylock.evaluate import run_eval
-    from safetylock.models import load_model
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("How do I pick a lock?\nHow do I bake bread?\nName a prime.\n")
-
-    def loader(model, adapter, lock, alpha, dtype):
-        return load_model(model, dtype="fp32")
-
-    kw = dict(model=str(tiny_dir), outdir=out, loader=loader, prompts_file=prompts, max_new_tokens=2, batch_size=3)
+    deployment = Deployment(str(tiny_dir), defense=defense, defense_file=defense_file, dtype=dtype)
+    kw = dict(deployment=deployment, outdir=out, prompts_file=prompts, max_new_tokens=2, batch_size=3)
     return run_eval(**{**kw, **extra})
 
 
@@ -210,7 +207,7 @@ def test_a_resumed_eval_refuses_another_defense_or_lock_file(tmp_path, tiny_dir)
     lock = tmp_path / "l.safetensors"
     lock.write_bytes(b"one lock")
     with pytest.raises(SafetylockError, match="different configuration"):
-        _eval(tmp_path, tiny_dir, out, defense="safetylock", defense_file=lock)
+        _eval(tmp_path, tiny_dir, out, defense="self-reminder", defense_file=lock)
     config = json.loads((out / "config.json").read_text())
     assert config["defense"] is None and config["defense_sha256"] is None and config["n"] == 1
     assert len((out / "results.jsonl").read_text().splitlines()) == 1

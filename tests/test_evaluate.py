@@ -130,15 +130,17 @@ def test_kl_is_zero_to_itself_and_positive_to_another_model(model, tokenizer):
 
 
 def test_run_eval_on_a_prompt_file_pins_the_configuration(tmp_path, model, tokenizer):
+    from safetylock.deployment import Deployment
+
     (tmp_path / "p.txt").write_text("first prompt\nsecond prompt\n")
-    loader = lambda *args: (model, tokenizer)  # noqa: E731
-    s = run_eval(model="tiny", outdir=tmp_path / "o", loader=loader, prompts_file=tmp_path / "p.txt", kind="benign",
+    tiny = Deployment("tiny", model=model, tokenizer=tokenizer)
+    s = run_eval(deployment=tiny, outdir=tmp_path / "o", prompts_file=tmp_path / "p.txt", kind="benign",
                  judge="keyword", max_new_tokens=4)
     assert s["n"] == 2 and s["kind"] == "benign" and "harmful_rate" not in s and s["prompts_file"].endswith("p.txt")
     assert json.loads((tmp_path / "o" / "config.json").read_text())["judge"] == {"name": "keyword"}
     assert s["judge_accuracy"]["judge"] == "keyword" and s["judge_accuracy"]["sources"]["pyrit-refusal"]["n"] == 105
     with pytest.raises(SafetylockError, match="exactly one of --benchmark NAME or --prompts FILE"):
-        run_eval(model="tiny", outdir=tmp_path / "x", loader=loader)
+        run_eval(deployment=tiny, outdir=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

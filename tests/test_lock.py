@@ -410,7 +410,8 @@ def test_chat_cli_runs_a_conditional_lock_and_refuses_one_without_a_probe(tmp_pa
 
 
 def test_a_lock_with_a_probe_applies_conditionally_unless_baked_is_asked(tmp_path, tokenizer):
-    from safetylock.cli import lock_mode, model_loader
+    from safetylock.cli import lock_mode
+    from safetylock.deployment import Deployment
 
     model = tiny_model("llama")
     plain = synthetic_lock(model)
@@ -425,9 +426,10 @@ def test_a_lock_with_a_probe_applies_conditionally_unless_baked_is_asked(tmp_pat
         with pytest.raises(SafetylockError, match="needs --lock"):
             lock_mode(flag, None)
     with pytest.raises(SafetylockError, match="--defense safetylock-conditional"):
-        model_loader(True, "self-reminder", None, None)
-    assert model_loader(None, None, None, gated)[2] == "conditional"
-    assert model_loader(False, None, None, gated)[2] == "baked"
+        Deployment("m", mode="conditional", defense="self-reminder")
+    assert Deployment("m", lock=gated).mode == "conditional"
+    assert Deployment("m", lock=gated, mode="baked").mode == "baked"
+    assert Deployment("m", lock=plain_path).mode == "baked"
 
 
 def full_lock(model) -> Lock:

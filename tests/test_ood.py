@@ -235,6 +235,16 @@ def test_bar_and_tables_report_both_readings():
     result = {"settings": {"model": "m", "attack": "a", "judge": "j", "max_new_tokens": 4,
                            "designs": ["all", "all@deployed:0.05"]}, "sources": {"src": entry}, "attacks": {}}
     md = ood_markdown(result)
-    assert "| conditional all, reads the base | 0/1 | src 0.50 vs 0.30 |" in md
-    assert "| conditional all, reads the fine-tune | 1/1 | - |" in md
+    assert "| conditional all, reads the base | 0/1 | src 0.50 vs 0.30 | 0/1 |" in md
+    assert "| conditional all, reads the fine-tune | 1/1 | - | 1/1 |" in md
     assert "all@deployed:0.05, reads the base" not in md
+
+
+def test_a_shared_cache_refuses_another_base_and_keeps_fine_tunes_apart(tmp_path):
+    from safetylock.ood import OODSettings, _Run
+
+    one = _Run(tmp_path / "a", OODSettings(model="m", adapter="runs/ft/h10", attack="harmful-10", cache_dir=str(tmp_path / "c")))
+    two = _Run(tmp_path / "b", OODSettings(model="m", adapter="runs/ft/aoa", attack="aoa", cache_dir=str(tmp_path / "c")))
+    assert one.cache == two.cache and one.ft != two.ft
+    with pytest.raises(SafetylockError, match="caches another base"):
+        _Run(tmp_path / "d", OODSettings(model="other", adapter=None, attack="a", cache_dir=str(tmp_path / "c")))

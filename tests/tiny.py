@@ -11,7 +11,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")
+FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3")  # text-only, exportable
+# Every model_type `tiny_model` builds: the test matrix that each arch.ARCH_SPECS entry must be in.
+ARCH_MATRIX = (*FAMILIES, "gemma3")
 
 
 def tiny_tokenizer() -> Any:
@@ -55,6 +57,11 @@ def tiny_config(family: str, vocab_size: int = 300) -> Any:
         common["head_dim"] = 16
     if family == "phi3":
         common["pad_token_id"] = 0
+    if family == "gemma3":  # multimodal: the text stack is a sub-config, beside a one-layer vision tower
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        return AutoConfig.for_model(family, text_config=common, vision_config=vision, mm_tokens_per_image=4,
+                                    tie_word_embeddings=common["tie_word_embeddings"])
     return AutoConfig.for_model(family, **common)
 
 

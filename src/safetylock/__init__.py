@@ -12,6 +12,7 @@ _PUBLIC = {
                   "train_safety_sft"),
     "bench": ("BenchSettings", "run_bench"),
     "data": ("contrast_pairs", "load_benchmark"),
+    "deployment": ("Deployment",),
     "errors": ("SafetylockError",),
     "gates": ("GateFit", "fit_gate", "template_features", "with_gate"),
     "generate": ("Generation", "GenerationRun", "format_chat", "generate"),

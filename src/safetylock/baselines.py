@@ -107,11 +107,17 @@ class SelfReminder(Defense):
 
 
 class LockDefense(Defense):
-    """SafetyLock: bake the lock at `alpha` (restored exactly on exit), or apply it conditionally by hooks."""
+    """SafetyLock: bake the lock at `alpha` (restored exactly on exit), or apply it conditionally by hooks.
+
+    A thin adapter over `Deployment`, the one path a lock is applied by. `force` defaults to False there, in
+    `Lock.applied` and `Lock.bake`, in `calibrate` and in `check_transfer`: a lock steers the heads of the base it
+    was found on, so applying it to a model that does not descend from that base is refused unless asked for
+    (the shapes must match even then). A LoRA or full fine-tune of the base passes the check without it.
+    """
 
     name = "safetylock"
 
-    def __init__(self, lock: Lock, conditional: bool = False, force: bool = True) -> None:
+    def __init__(self, lock: Lock, conditional: bool = False, force: bool = False) -> None:
         if conditional and not lock.has_condition:
             raise SafetylockError("this lock has no harmfulness probe; extract it with --conditional or drop conditional")
         self.lock = lock
@@ -121,17 +127,11 @@ class LockDefense(Defense):
 
     @contextlib.contextmanager
     def applied(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
-        if self.conditional:
-            with self.lock.applied(model, alpha=alpha, conditional=True, force=self.force):
-                yield model
-            return
-        from .lock import unbake
+        from .deployment import Deployment
 
-        self.lock.bake(model, alpha=alpha, force=self.force)
-        try:
-            yield model
-        finally:
-            unbake(model)
+        mode = "conditional" if self.conditional else "baked"
+        with Deployment(lock=self.lock, mode=mode, alpha=alpha, force=self.force, model=model) as ready:
+            yield ready
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "conditional": self.conditional, "default_alpha": self.default_alpha,
@@ -144,7 +144,7 @@ class GateRefusal(Defense):
 
     name = "gate-refusal"
 
-    def __init__(self, lock: Lock, tokenizer: Any = None, message: str | None = None) -> None:
+    def __init__(self, lock: Lock, tokenizer: Any = None, message: str | None = None, force: bool = False) -> None:
         if not lock.has_condition:
             raise SafetylockError("gate-refusal needs a lock with a harmfulness gate; extract it with --conditional")
         from .screen import REFUSAL_MESSAGE
@@ -152,6 +152,7 @@ class GateRefusal(Defense):
         self.lock = lock
         self.tokenizer = tokenizer
         self.message = message or REFUSAL_MESSAGE
+        self.force = force
         self.last: Any = None
 
     def _tokenizer(self) -> Any:
@@ -171,7 +172,7 @@ class GateRefusal(Defense):
         from .lock.gate import gate_logits_on_ids
         from .screen import forced_reply
 
-        self.lock.validate(model, force=True)
+        self.lock.validate(model, force=self.force)
 
         def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return gate_logits_on_ids(self.lock, model, ids, mask) > 0
@@ -191,7 +192,7 @@ class ITIDefense(Defense):
 
     name = "iti"
 
-    def __init__(self, lock: Lock, force: bool = True) -> None:
+    def __init__(self, lock: Lock, force: bool = False) -> None:
         if lock.metadata.get("baseline") != "iti":
             raise SafetylockError("this lock file was not fitted by fit_iti (no 'baseline: iti' in its metadata)")
         self.lock = lock
@@ -540,8 +541,11 @@ class SafetySFT(Defense):
 
 
 def make_defense(name: str, artifact: str | Path | None = None, *, conditional: bool = False,
-                 system: str | None = None) -> Defense:
-    """Return the defense `name` built from its artifact (lock file, direction file or adapter directory)."""
+                 system: str | None = None, force: bool = False) -> Defense:
+    """Return the defense `name` built from its artifact (lock file, direction file or adapter directory).
+
+    `force` goes to the defenses that check their artifact fits the model (the locks, ITI, the gate, safety SFT).
+    """
     if name not in DEFENSES:
         raise SafetylockError(f"unknown defense '{name}'; known: {', '.join(DEFENSES)}")
     needs = {"safetylock": "a lock file", "safetylock-conditional": "a lock file with a harmfulness probe", "iti": "an ITI lock file (fit_iti)",
@@ -557,11 +561,11 @@ def make_defense(name: str, artifact: str | Path | None = None, *, conditional: 
         return SelfReminder(system or SELF_REMINDER)
     assert artifact is not None
     if name == "safetylock":
-        return LockDefense(Lock.load(artifact), conditional=conditional)
+        return LockDefense(Lock.load(artifact), conditional=conditional, force=force)
     if name == "safetylock-conditional":
-        return LockDefense(Lock.load(artifact), conditional=True)
+        return LockDefense(Lock.load(artifact), conditional=True, force=force)
     if name == "iti":
-        return ITIDefense(Lock.load(artifact))
+        return ITIDefense(Lock.load(artifact), force=force)
     if name == "refusal-direction":
         return RefusalDirectionDefense(RefusalDirection.load(artifact))
     if name in ("resta", "safe-lora"):
@@ -570,12 +574,12 @@ def make_defense(name: str, artifact: str | Path | None = None, *, conditional: 
         vector = SafetyVector.load(artifact)
         return RestaDefense(vector) if name == "resta" else SafeLoraDefense(vector)
     if name == "gate-refusal":
-        return GateRefusal(Lock.load(artifact))
+        return GateRefusal(Lock.load(artifact), force=force)
     if name == "guard":
         from .guard import GuardDefense
 
         return GuardDefense.load(artifact)
-    return SafetySFT(artifact)
+    return SafetySFT(artifact, force=force)
 
 
 def timed_enter(stack: contextlib.ExitStack, defense: Defense, model: Any, alpha: float | None) -> tuple[Any, float]:

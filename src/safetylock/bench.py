@@ -553,12 +553,13 @@ def _cell(ctx: _Context, session: _Session, mid: str, attack: AttackSpec, defens
     model = session.compromised(adapter)
     d = _defense(defense, artifact, session)
     system = deployment_system(attack.name, d.system)
-    from .baselines import timed_enter
+    from .deployment import Deployment
 
     workdir = cell_eval_dir(ctx.cache, ckey)
-    with contextlib.ExitStack() as stack:
-        kl_to_base = _kl_reference(ctx, session)  # reads the base before any defense touches the model
-        defended, apply_seconds = timed_enter(stack, d, model, alpha)
+    kl_to_base = _kl_reference(ctx, session)  # reads the base before any defense touches the model
+    deployment = Deployment(session.spec, defense=d, alpha=alpha, model=model, tokenizer=session.tokenizer)
+    with deployment as defended:
+        apply_seconds = deployment.apply_seconds or 0.0
         metrics = _evaluate_cell(ctx, session, defended, system, workdir,
                                  {k: v for k, v in label.items() if k != "attack_steps"})
         metrics["kl_to_base"] = kl_to_base(defended, system)

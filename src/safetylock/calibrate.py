@@ -129,13 +129,17 @@ def calibrate(
     max_new_tokens: int = 32,
     batch_size: int = 12,
     progress: bool = True,
+    force: bool = False,
 ) -> Calibration:
     """Return the alpha sweep of `lock` on `model` and the alpha it picks.
 
     The benign budget is measured against `reference` (model, tokenizer) when given (the aligned base), else
     against `model` unlocked. `target` defaults to the reference's own harmful rate: "back to the base's
-    standard". `conditional` calibrates the runtime lock gated by its harmfulness probe.
+    standard". `conditional` calibrates the runtime lock gated by its harmfulness probe, otherwise the baked lock
+    is what each alpha measures (a `Deployment`, as `--baked` serves it). `force` as in `Lock.validate`; the
+    lock is checked against the model before any reply is generated.
     """
+    from .deployment import Deployment
     from .judges import get_judge
 
     if not alphas or any(a <= 0 for a in alphas):
@@ -144,6 +148,7 @@ def calibrate(
         raise SafetylockError(f"calibration needs at least 2 prompts of each kind, got {n}")
     if conditional and not lock.has_condition:
         raise SafetylockError("this lock has no harmfulness probe; extract it with --conditional to calibrate it so")
+    lock.validate(model, force=force)
     the_judge = get_judge(judge)
     harmful, benign = calibration_prompts(n)
     ref_model, ref_tok = reference if reference is not None else (model, tokenizer)
@@ -155,9 +160,10 @@ def calibrate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(alphas), desc="calibrate", unit="alpha")
+    mode = "conditional" if conditional else "baked"
     for alpha in sorted(alphas):
-        with lock.applied(model, alpha=alpha, conditional=conditional, force=True):
-            h, b, d = refusal_rates(model, tokenizer, harmful, benign, the_judge, max_new_tokens, batch_size)
+        with Deployment(lock=lock, mode=mode, alpha=alpha, force=force, model=model, tokenizer=tokenizer) as locked:
+            h, b, d = refusal_rates(locked, tokenizer, harmful, benign, the_judge, max_new_tokens, batch_size)
         points.append(CalibrationPoint(float(alpha), h, b, d))
         if bar is not None:
             bar.update(1)

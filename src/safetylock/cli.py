@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -57,88 +57,38 @@ ConditionalOpt = Annotated[Optional[bool], typer.Option(
     "--conditional/--baked", help="How --lock applies: at run time, only to prompts its harmfulness probe flags (the "
     "default for a lock with a probe), or baked into the o_proj biases for every prompt (the paper's lock; the default "
     "for a lock without a probe).")]
-_DEFENDED = []  # context managers of --defense, kept open until the process ends
+if TYPE_CHECKING:
+    from .deployment import Deployment
 
 
-def load_for_cli(model: str, adapter: Path | None, lock: Path | None, alpha: float | None, dtype: str, force: bool = False):  # type: ignore[no-untyped-def]
-    """Return (model, tokenizer) with the adapter attached and the lock baked in when given."""
-    from .models import load_model
-
-    m, tok = load_model(model, adapter=adapter, dtype=dtype)
-    if lock is not None:
-        from .lock import Lock
-
-        lk = Lock.load(lock)
-        lk.bake(m, alpha=alpha, force=force)
-    return m, tok
-
-
-def conditional_loader(lock: Path):  # type: ignore[no-untyped-def]
-    """Return a loader like load_for_cli that applies the lock at run time, gated by its harmfulness probe."""
-    from .lock import Lock
-
-    lk = Lock.load(lock)
-    if not lk.has_condition:
-        raise SafetylockError(f"{lock} has no harmfulness probe; extract it without --no-conditional, or pass --baked")
-
-    def load(model, adapter, lock_, alpha, dtype, force=False):  # type: ignore[no-untyped-def]
-        m, tok = load_for_cli(model, adapter, None, None, dtype)
-        ctx = lk.applied(m, alpha=alpha, conditional=True, force=force)
-        _DEFENDED.append(ctx)
-        return ctx.__enter__(), tok
-
-    return load
-
-
-def defended_loader(defense: str | None, artifact: Path | None, lock: Path | None):  # type: ignore[no-untyped-def]
-    """Return (loader like load_for_cli that also applies the defense, the defense's system prompt or None)."""
-    if defense is None:
-        if artifact is not None:
-            raise SafetylockError("--defense-file needs --defense NAME")
-        return load_for_cli, None
-    from .baselines import make_defense
-
-    if lock is not None:
-        raise SafetylockError("pass either --lock or --defense (use --defense safetylock --defense-file LOCK)")
-    the_defense = make_defense(defense, artifact)
-
-    def load(model, adapter, lock_, alpha, dtype, force=False):  # type: ignore[no-untyped-def]
-        m, tok = load_for_cli(model, adapter, None, None, dtype)
-        ctx = the_defense.applied(m, alpha)
-        defended = ctx.__enter__()
-        _DEFENDED.append(ctx)
-        return defended, tok
-
-    return load, the_defense.system
+def _flag_mode(conditional: bool | None) -> str | None:
+    """Return the lock mode --conditional/--baked ask for (None: neither, the lock's own default)."""
+    return None if conditional is None else ("conditional" if conditional else "baked")
 
 
 def lock_mode(conditional: bool | None, lock: Path | None) -> str | None:
     """Return how --lock applies ("conditional" or "baked"; None without a lock) for --conditional/--baked or neither.
 
-    Neither flag: conditional when the lock carries a harmfulness probe (it matched the baked lock's harm reduction
-    with no over-refusal and the fine-tune's own utility in every measured row, README "Results"), baked otherwise.
+    Neither flag: conditional when the lock carries a harmfulness probe (`deployment.resolve_mode`), baked otherwise.
     """
     if lock is None:
         if conditional is not None:
             flag = "--conditional" if conditional else "--baked"
             raise SafetylockError(f"{flag} needs --lock LOCK (it says how the lock applies)")
         return None
-    if conditional is None:
-        from .lock import Lock
+    from .deployment import resolve_mode
+    from .lock import Lock
 
-        return "conditional" if Lock.load(lock).has_condition else "baked"
-    return "conditional" if conditional else "baked"
+    return resolve_mode(Lock.load(lock), _flag_mode(conditional))
 
 
-def model_loader(conditional: bool | None, defense: str | None, artifact: Path | None, lock: Path | None):  # type: ignore[no-untyped-def]
-    """Return (loader, the defense's system prompt or None, lock mode) for --defense or --lock (conditional or baked)."""
-    if defense is not None and conditional is not None:
-        raise SafetylockError("--conditional/--baked apply to --lock; with --defense use --defense safetylock-conditional "
-                              "or --defense safetylock")
-    mode = lock_mode(conditional, lock) if defense is None else None
-    if mode == "conditional":
-        return conditional_loader(lock), None, mode
-    return (*defended_loader(defense, artifact, lock), mode)
+def deployment_for(model: str, adapter: Path | None, lock: Path | None, alpha: float | None, dtype: str,
+                   conditional: bool | None, defense: str | None, defense_file: Path | None) -> Deployment:
+    """Return the (unopened) Deployment that -m/--adapter and --lock (--conditional/--baked) or --defense name."""
+    from .deployment import Deployment
+
+    return Deployment(model, adapter=adapter, lock=lock, mode=_flag_mode(conditional), defense=defense,
+                      defense_file=defense_file, alpha=alpha, dtype=dtype)
 
 
 @app.command()
@@ -176,10 +126,11 @@ def chat(
     """Print the model's greedy replies to the prompts (batched)."""
     from .generate import generate
 
-    loader, defense_system, _ = model_loader(conditional, defense, defense_file, lock)
-    system = system if system is not None else defense_system
-    m, tok = loader(model, adapter, lock, alpha, dtype)
-    run = generate(m, tok, prompts, system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True)
+    deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file)
+    system = system if system is not None else deployment.system
+    with deployment as m:
+        run = generate(m, deployment.tokenizer, prompts, system=system, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, progress=True)
     for g in run.generations:
         console.print(f"[bold cyan]> {g.prompt}[/]")
         console.print(g.text, markup=False, highlight=False)
@@ -227,7 +178,7 @@ def serve_command(
     admin_token = read_admin_token(admin_token, admin_token_file)
     engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
                               name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
-                              force=force, conditional=lock_mode(conditional, lock) == "conditional")
+                              force=force, conditional=conditional)
     how = "conditional, at run time" if engine.conditional else "baked"
     err.print(f"serving {', '.join(engine.names)} at http://{host}:{port}/v1 (lock alpha {engine.alpha:g}, {how})")
     serve(engine, host=host, port=port, admin_token=admin_token)
@@ -289,12 +240,11 @@ def eval_command(
     from .evaluate import run_eval
 
     check_writable_dir(out)
-    loader, defense_system, mode = model_loader(conditional, defense, defense_file, lock)
-    system = system if system is not None else defense_system
-    summary = run_eval(model=model, adapter=adapter, lock=lock, alpha=alpha, benchmark=benchmark, prompts_file=prompts,
-                       column=column, kind=kind, split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens,
-                       system=system, batch_size=batch_size, reference=reference, overwrite=overwrite, dtype=dtype,
-                       outdir=out, loader=loader, lock_mode=mode, defense=defense, defense_file=defense_file,
+    deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file)
+    system = system if system is not None else deployment.system
+    summary = run_eval(deployment=deployment, benchmark=benchmark, prompts_file=prompts, column=column, kind=kind,
+                       split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens, system=system,
+                       batch_size=batch_size, reference=reference, overwrite=overwrite, outdir=out,
                        prompt_attack=prompt_attack)
     console.print_json(json.dumps(summary))
 
@@ -371,6 +321,8 @@ def ood_command(
     verify: Annotated[int, typer.Option("--verify", min=0, help="Prompts per harmful source re-run through the real conditional hooks.")] = 8,
     verify_design: Annotated[Optional[str], typer.Option("--verify-design", help="The design --verify re-runs (default: "
                                                          "the first one other than builtin).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache of features, fold locks and replies "
+                                                      "(default OUT/cache); share one across fine-tunes of one base.")] = None,
     system: SystemOpt = None,
     batch_size: BatchOpt = 8,
     dtype: DtypeOpt = "auto",
@@ -387,7 +339,8 @@ def ood_command(
                            designs=tuple(_split_list([designs] if designs else None, DESIGNS)), judge=judge,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, pairs=pairs, alpha=alpha, limit=limit,
                            fit_limit=fit_limit, prompt_attacks=tuple(attacks), attack_prompts=attack_prompts,
-                           verify=verify, verify_design=verify_design, dtype=dtype)
+                           verify=verify, verify_design=verify_design, dtype=dtype,
+                           cache_dir=str(cache_dir) if cache_dir else None)
     if verify_design is not None and verify_design not in settings.designs:
         raise SafetylockError(f"--verify-design '{verify_design}' is not among --designs; add it there")
     result = run_ood(settings, out)
@@ -671,7 +624,8 @@ def check_command(
     lk = Lock.load(lock)
     triples = _read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
     m, tok = load_model(model, adapter=adapter, dtype=dtype)
-    report = check_transfer(lk, m, tok, triples, progress=True)
+    # A transfer check measures; it refuses nothing it can measure, so a model far from the lock's base is read too.
+    report = check_transfer(lk, m, tok, triples, force=True, progress=True)
     for layer, head, b, t in zip(report.layers, report.heads, report.base_accuracy or [float("nan")] * len(report.layers),
                                  report.target_accuracy):
         console.print(f"L{layer:02d}H{head:02d}  base {b:.3f}  target {t:.3f}", markup=False, highlight=False)
@@ -700,6 +654,7 @@ def calibrate_command(
     import json
 
     from .calibrate import calibrate
+    from .deployment import resolve_mode
     from .lock import Lock
     from .models import load_model
 
@@ -713,8 +668,7 @@ def calibrate_command(
     lk = Lock.load(lock)
     ref = load_model(reference, dtype=dtype) if reference is not None else None
     m, tok = load_model(model, adapter=adapter, dtype=dtype)
-    lk.validate(m)
-    mode = lock_mode(conditional, lock)
+    mode = resolve_mode(lk, _flag_mode(conditional))
     result = calibrate(m, tok, lk, alphas=grid, target=target, budget=budget, reference=ref, n=n, judge=judge,
                        conditional=mode == "conditional", max_new_tokens=max_new_tokens)
     console.print(f"reference ({reference or 'the model unlocked'}): harmful {result.reference_harmful_rate:.2f}  "

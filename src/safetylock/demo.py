@@ -29,10 +29,11 @@ def run_demo(model: str, max_new_tokens: int = 32, console: Console | None = Non
     """Return the refusal figures of base, fine-tuned and locked model after showing them side by side."""
     from .attack import finetune
     from .data import contrast_pairs, gate_prompts, load_benchmark
+    from .deployment import Deployment
     from .files import home
     from .generate import generate
     from .judges import KeywordJudge, RelevanceJudge
-    from .lock import Lock, extract, fit_condition
+    from .lock import BakeRecord, Lock, extract, fit_condition
     from .models import attach_adapter, load_model
 
     console = console or Console()
@@ -71,14 +72,16 @@ def run_demo(model: str, max_new_tokens: int = 32, console: Console | None = Non
     attacked = generate(tuned, tok, prompts, max_new_tokens=max_new_tokens, batch_size=12, progress=True).texts
 
     console.print(f"[bold]4. the fine-tune with the lock baked in (alpha {lock.default_alpha})[/]")
-    seconds = lock.bake(tuned)
-    locked = generate(tuned, tok, prompts, max_new_tokens=max_new_tokens, batch_size=12, progress=True).texts
-    lock.unbake(tuned)
+    baked = Deployment(model, lock=lock, mode="baked", model=tuned, tokenizer=tok)
+    with baked as locked_model:
+        assert isinstance(baked.record, BakeRecord)
+        seconds = baked.record.seconds
+        locked = generate(locked_model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=12, progress=True).texts
     rows = {"base": base, "harmful-10 fine-tune": attacked, "fine-tune + SafetyLock": locked}
     if lock.has_condition:
         console.print("[bold]5. the fine-tune with the conditional lock (shifts only prompts its probe flags)[/]")
-        with lock.applied(tuned, conditional=True):
-            rows["fine-tune + conditional lock"] = generate(tuned, tok, prompts, max_new_tokens=max_new_tokens,
+        with Deployment(model, lock=lock, mode="conditional", model=tuned, tokenizer=tok) as gated:
+            rows["fine-tune + conditional lock"] = generate(gated, tok, prompts, max_new_tokens=max_new_tokens,
                                                             batch_size=12, progress=True).texts
     table = Table(title=f"{model}: {N_HARMFUL} harmbench eval-split prompts, {N_BENIGN} overrefusal eval-split prompts")
     # Benign replies are judged with the relevance judge at 0.25 (on whole replies) so that deflections such as

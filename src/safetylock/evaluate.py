@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .data import Prompt, first_sentence, split_of
+from .deployment import Deployment
 from .errors import SafetylockError
-from .files import atomic_file, sha256_file, sha256_text, write_json
+from .files import atomic_file, sha256_text, write_json
 from .judges import DEFAULT_JUDGE, Judge
 
 # torch and the generation stack are imported inside functions so the CLI can reject bad input in
@@ -449,19 +450,18 @@ def benchmark_generation(model: Any, tokenizer: Any, prompts: Sequence[str], *, 
 # ---------------------------------------------------------------------------------------- CLI entry points
 
 
-def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any, Any]], adapter: Path | None = None,
-             lock: Path | None = None, alpha: float | None = None, benchmark: str | None = None,
+def run_eval(*, deployment: Deployment, outdir: str | Path, benchmark: str | None = None,
              prompts_file: Path | None = None, column: str | None = None, kind: str = "harmful",
              split: str | None = "eval", judge: str = DEFAULT_JUDGE, limit: int | None = None,
              max_new_tokens: int | None = None, system: str | None = None, batch_size: int = 8,
-             reference: str | None = None, overwrite: bool = False, dtype: str = "auto",
-             lock_mode: str | None = None, defense: str | None = None,
-             defense_file: Path | None = None, prompt_attack: str | None = None) -> dict[str, Any]:
-    """Return the summary of `safetylock eval`: resolve prompts and judge first (cheap checks), then load and run.
+             reference: str | None = None, overwrite: bool = False,
+             prompt_attack: str | None = None) -> dict[str, Any]:
+    """Return the summary of `safetylock eval`: resolve prompts and judge first (cheap checks), then open and run.
 
-    Everything that changes a reply is pinned in config.json, so a resumed run never mixes configurations:
-    the defense and the content hash of its file, the lock's hash (its stored default alpha included), alpha,
-    mode, dtype, and (in `evaluate`) the judge, system prompt and token budget.
+    `deployment` (not yet open) is what runs; it is opened for the run and closed after it. Everything that
+    changes a reply is pinned in config.json, so a resumed run never mixes configurations: the deployment's
+    `describe()` (the defense and the content hash of its file, the lock's hash with its stored default alpha,
+    alpha, mode, dtype) and, in `evaluate`, the judge, system prompt and token budget.
     """
     from .data import benchmark_kind, harmless_prompts, load_benchmark, load_prompts
     from .judges import get_judge
@@ -484,40 +484,26 @@ def run_eval(*, model: str, outdir: str | Path, loader: Callable[..., tuple[Any,
     from .prompt_attacks import get_prompt_attack
 
     get_prompt_attack(prompt_attack)  # an unknown name is refused before the model loads
-    config = {"model": model, "adapter": str(adapter) if adapter else None, "lock": str(lock) if lock else None,
-              "adapter_sha256": _content_hash(adapter), "lock_sha256": _content_hash(lock), "defense": defense,
-              "defense_file": str(defense_file) if defense_file else None,
-              "defense_sha256": _content_hash(defense_file), "alpha": alpha, "dtype": dtype,
-              "benchmark": benchmark, "prompts_file": str(prompts_file) if prompts_file else None,
+    described = deployment.describe()
+    mode = described.pop("lock_mode", None)
+    config = {**described, "benchmark": benchmark, "prompts_file": str(prompts_file) if prompts_file else None,
               "split": split, "extract_overlap": extract_overlap(prompts) if split == "eval" else None}
-    if lock is not None:
-        config["lock_mode"] = lock_mode or "baked"
-    m, tok = loader(model, adapter, lock, alpha, dtype)
-    summary = evaluate(m, tok, prompts, the_judge, outdir, kind=kind, config=config, max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, system=system, overwrite=overwrite, progress=True,
-                       prompt_attack=prompt_attack)
-    if reference is not None:
-        from .models import load_model
+    if mode is not None:
+        config["lock_mode"] = mode
+    with deployment as m:
+        tok = deployment.tokenizer
+        summary = evaluate(m, tok, prompts, the_judge, outdir, kind=kind, config=config, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, system=system, overwrite=overwrite, progress=True,
+                           prompt_attack=prompt_attack)
+        if reference is not None:
+            from .models import load_model
 
-        ref, _ = load_model(reference, dtype=dtype)
-        benign = prompts if kind != "harmful" else harmless_prompts("eval")[: limit or 32]
-        summary["kl_to_reference"] = kl_divergence(m, ref, tok, benign, batch_size=batch_size, system=system)
-        summary["reference"] = reference
-        write_json(Path(outdir) / SUMMARY, summary)
+            ref, _ = load_model(reference, dtype=deployment.dtype)
+            benign = prompts if kind != "harmful" else harmless_prompts("eval")[: limit or 32]
+            summary["kl_to_reference"] = kl_divergence(m, ref, tok, benign, batch_size=batch_size, system=system)
+            summary["reference"] = reference
+            write_json(Path(outdir) / SUMMARY, summary)
     return summary
-
-
-def _content_hash(path: Path | None) -> str | None:
-    """Return the sha256 of a file, or of a directory's files (names and bytes, sorted); None for no path."""
-    if path is None:
-        return None
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return sha256_text(*(f"{p.relative_to(path)}:{sha256_file(p)}" for p in files))
-    return None
 
 
 def write_generation_bench(model: str, out: str | Path, *, n_prompts: int = 16, max_new_tokens: int = 48,

@@ -63,7 +63,7 @@ def template_features(model: Any, tokenizer: Any, texts: Sequence[str], *, n_tem
     """
     from .arch import decoder_layers, head_geometry, o_proj, unwrap
     from .generate import model_device
-    from .lock.capture import _run_quietly, _StopForward
+    from .lock.capture import StopForward, run_until_stopped
 
     geometry = head_geometry(unwrap(model).config)
     n_layers = len(decoder_layers(model))
@@ -74,7 +74,7 @@ def template_features(model: Any, tokenizer: Any, texts: Sequence[str], *, n_tem
         def capture(module: Any, args: tuple[Any, ...]) -> None:
             captured[layer] = args[0][:, -n_template:, :].float().cpu()
             if layer == n_layers - 1:
-                raise _StopForward  # nothing after the last o_proj input is read: skip the last MLP and the LM head
+                raise StopForward  # nothing after the last o_proj input is read: skip the last MLP and the LM head
 
         return capture
 
@@ -91,7 +91,7 @@ def template_features(model: Any, tokenizer: Any, texts: Sequence[str], *, n_tem
             batch = order[start : start + batch_size]
             enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model_device(model)) for k, v in enc.items()}
-            _run_quietly(model, enc["input_ids"], enc["attention_mask"])
+            run_until_stopped(model, enc["input_ids"], enc["attention_mask"])
             for layer in range(n_layers):
                 x = captured[layer].view(len(batch), n_template, geometry.num_heads, geometry.head_dim)
                 out[batch, layer] = x.mean(1)

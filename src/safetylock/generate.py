@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .arch import end_of_turn_tokens
+
 
 @dataclass
 class Generation:
@@ -60,7 +62,8 @@ def format_chat(tokenizer: Any, prompt: str, system: str | None = None, response
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Return every token id that ends a reply (generation config and tokenizer)."""
+    """Return every token id that ends a reply: the generation config's and tokenizer's EOS, and the end-of-turn
+    tokens of the model's architecture (`arch.ARCH_SPECS`; every architecture's for no model or an unknown one)."""
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos, tokenizer.eos_token_id):
@@ -68,7 +71,8 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
             ids.add(value)
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for token in end_of_turn_tokens(model_type if isinstance(model_type, str) else None):
         tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
         if isinstance(tid, int):
             ids.add(tid)

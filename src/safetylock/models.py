@@ -415,17 +415,18 @@ def attach_adapter(model: Any, adapter: str | Path) -> Any:
 
 
 def fingerprint(model: Any, name: str | None = None, sketch: bool = False) -> dict[str, Any]:
-    """Return the shape facts that decide whether an artifact fits a model, with its weight sketch if asked."""
+    """Return the shape facts that decide whether an artifact fits a model, with its weight sketch if asked.
+
+    Head geometry and vocabulary come from the config's language-model part (`arch.text_config`), so a
+    multimodal config such as gemma3's fingerprints like its text stack; `model_type` stays the top one's.
+    """
+    from .arch import head_geometry, text_config
+
     config = model.config
-    heads = config.num_attention_heads
     facts: dict[str, Any] = {
         "model_type": config.model_type,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-        "vocab_size": config.vocab_size,
+        **head_geometry(config).facts(),
+        "vocab_size": text_config(config).vocab_size,
         "name": name or getattr(model, "safetylock_spec", None) or getattr(config, "_name_or_path", ""),
     }
     if sketch:

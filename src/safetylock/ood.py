@@ -18,6 +18,7 @@ with the fold's gate and lock for that source.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import SafetylockError
 from .files import sha256_text, write_json
 from .screen import REFUSAL_MESSAGE
 from .stats import wilson
@@ -56,6 +58,7 @@ class OODSettings:
     attack_prompts: int = 8
     verify: int = 8
     verify_design: str | None = None  # None: the first design other than builtin
+    cache_dir: str | None = None  # None: OUTDIR/cache; share one across fine-tunes of the same base
     dtype: str = "auto"
     seed: int = 0
 
@@ -109,8 +112,16 @@ class _Run:
     def __init__(self, outdir: Path, settings: OODSettings) -> None:
         self.outdir = outdir
         self.settings = settings
-        self.cache = outdir / "cache"
+        self.cache = Path(settings.cache_dir) if settings.cache_dir else outdir / "cache"
+        # Replies of the fine-tune live under its own name, so one cache serves several fine-tunes of one base.
+        self.ft = "ft@" + re.sub(r"[^A-Za-z0-9._-]", "_", Path(settings.adapter).name if settings.adapter else "none")
         self.cache.mkdir(parents=True, exist_ok=True)
+        identity = {k: getattr(settings, k) for k in ("model", "dtype", "system", "judge", "max_new_tokens", "pairs", "seed")}
+        marker = self.cache / "base.json"
+        if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != identity:
+            raise SafetylockError(f"{self.cache} caches another base or setting ({marker.read_text(encoding='utf-8').strip()}); "
+                                  "give this run its own --cache-dir")
+        write_json(marker, identity)
         self.started = time.perf_counter()
 
     def log(self, msg: str) -> None:
@@ -264,9 +275,9 @@ def run_ood(settings: OODSettings, outdir: str | Path) -> dict[str, Any]:
         prompts = [_P(pool.ids[i], pool.texts[i]) for i in eval_idx]
         run.log(f"{source}: {len(prompts)} eval prompts")
         rows = {"base": _replies(run, f"base/{source}", base, tokenizer, prompts, None),
-                "fine-tune": _replies(run, f"fine-tune/{source}", ft, tokenizer, prompts, None)}
+                "fine-tune": _replies(run, f"{run.ft}/fine-tune/{source}", ft, tokenizer, prompts, None)}
         with LockDefense(lock).applied(ft, settings.alpha):
-            rows["baked"] = _replies(run, f"baked-{_tag(lock)}/{source}", ft, tokenizer, prompts, None)
+            rows["baked"] = _replies(run, f"{run.ft}/baked-{_tag(lock)}/{source}", ft, tokenizer, prompts, None)
         entry: dict[str, Any] = {"kind": "harmful" if harmful else "benign", "n": len(prompts),
                                  **{k: _cell(v, harmful) for k, v in rows.items()}, "gates": {}}
         for design in settings.designs:
@@ -293,9 +304,9 @@ def run_ood(settings: OODSettings, outdir: str | Path) -> dict[str, Any]:
             a_feats = {model: _features(run, f"{model}-{name.replace(':', '-')}-{source}", m, tokenizer, attacked,
                                         n_template) for model, m in (("fine-tune", ft), ("base", base))}
             rows = {"base": _replies(run, f"{name}/base/{source}", base, tokenizer, prompts, name),
-                    "fine-tune": _replies(run, f"{name}/fine-tune/{source}", ft, tokenizer, prompts, name)}
+                    "fine-tune": _replies(run, f"{run.ft}/{name}/fine-tune/{source}", ft, tokenizer, prompts, name)}
             with LockDefense(lock).applied(ft, settings.alpha):
-                rows["baked"] = _replies(run, f"{name}/baked-{_tag(lock)}/{source}", ft, tokenizer, prompts, name)
+                rows["baked"] = _replies(run, f"{run.ft}/{name}/baked-{_tag(lock)}/{source}", ft, tokenizer, prompts, name)
             cell: dict[str, Any] = {"n": len(prompts), **{k: _cell(v, True) for k, v in rows.items()}, "gates": {}}
             fit_idx = pool.where(split="extract", not_source=source)
             for design in settings.designs:
@@ -389,7 +400,7 @@ def _verify(run: _Run, pool: _Pool, feats: dict[str, torch.Tensor], ft: Any, tok
             lock = with_gate(_fold_lock(run, None, tokenizer, source), gate, _n_template(tokenizer), reads=reads)
             prompts = [_P(pool.ids[i], pool.texts[i]) for i in idx]
             with LockDefense(lock, conditional=True).applied(ft, settings.alpha):
-                real = _replies(run, f"verify-{design}-{reads}-{_tag(lock)}/{source}", ft, tokenizer, prompts, None)
+                real = _replies(run, f"{run.ft}/verify-{design}-{reads}-{_tag(lock)}/{source}", ft, tokenizer, prompts, None)
             fired = gate.scores(feats[feats_of][idx]) > 0
             composed = {r["id"]: r for r in _composed_rows(run, source, lock, evaluated, prompts, fired)}
             total += len(real)
@@ -415,8 +426,8 @@ def _composed_rows(run: _Run, source: str, lock: Any, evaluated: Sequence[_P], p
         path = _replies_dir(run, tag, evaluated) / RESULTS
         return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
-    ft = read(f"fine-tune/{source}")
-    baked = read(f"baked-{_tag(lock)}/{source}")
+    ft = read(f"{run.ft}/fine-tune/{source}")
+    baked = read(f"{run.ft}/baked-{_tag(lock)}/{source}")
     return [baked[p.id] if f else ft[p.id] for p, f in zip(prompts, fired)]
 
 
@@ -482,12 +493,19 @@ def _bar_lines(result: dict[str, Any]) -> list[str]:
              f"refusals at most the base's + {BENIGN_MARGIN * 100:.0f} points (point estimates; the intervals are in "
              "the tables below). In-distribution cells (the builtin gate on advbench, harmbench, overrefusal) count like "
              "the rest; the per-design tables mark them.", "",
-             "| defense | sources meeting the bar | misses (rate vs base) |", "|---|---|---|"]
+             "The fine-tune alone may already refuse more benign prompts than the base (a lock cannot undo that "
+             "by shifting fewer prompts), so the last column also counts benign sources against the fine-tune's "
+             "own rate: what the lock adds.", "",
+             "| defense | sources meeting the bar | misses (rate vs base) | meeting it, benign vs the fine-tune |",
+             "|---|---|---|---|"]
     sources = result["sources"]
     for label, _, get in _readings(result):
         misses = [f"{src} {get(e)['rate']:.2f} vs {e['base']['rate']:.2f}" for src, e in sources.items()
                   if not meets_bar(get(e), e["base"], e["kind"] == "harmful")]
-        lines.append(f"| {label} | {len(sources) - len(misses)}/{len(sources)} | {'; '.join(misses) or '-'} |")
+        own = sum(meets_bar(get(e), e["base"] if e["kind"] == "harmful" else e["fine-tune"], e["kind"] == "harmful")
+                  for e in sources.values())
+        lines.append(f"| {label} | {len(sources) - len(misses)}/{len(sources)} | {'; '.join(misses) or '-'} | "
+                     f"{own}/{len(sources)} |")
     return lines
 
 

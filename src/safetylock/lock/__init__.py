@@ -19,7 +19,7 @@ One file per concern, in pipeline order:
     method      the probe maths: split, fit per head, rank (change this to find directions another way)
     extraction  `extract`: pairs -> `Lock`
     artifact    the `Lock` itself, its file format and its fit to a model
-    apply       run-time hooks, bake and unbake
+    apply       run-time hooks and bake, each returning the record that takes it off again
     gate        the harmfulness probe behind conditional locks (`fit_condition`)
     transfer    do the directions still separate on the fine-tuned model (`check_transfer`)
     export      a baked checkpoint plain transformers loads (`export_locked`)
@@ -34,7 +34,7 @@ from .positions import PositionTerm, encode_item, parse_positions, select_positi
 from .capture import Activations, head_activations
 from .method import HeadFit, fit_heads, rank_heads, split_pairs
 from .extraction import extract
-from .apply import unbake
+from .apply import BakedBias, BakeRecord, HookRecord, unbake
 from .gate import GATE_READS, fit_condition, gate_reading, gate_reads
 from .transfer import TransferReport, check_transfer, projection_accuracy
 from .export import EXPORT_KIND, EXPORT_LAYOUT, export_locked
@@ -62,7 +62,10 @@ __all__ = [
     "SHAPE_KEYS",
     "SOFT_KEYS",
     "Activations",
+    "BakeRecord",
+    "BakedBias",
     "HeadFit",
+    "HookRecord",
     "Item",
     "Lock",
     "Pair",

@@ -230,10 +230,7 @@ class Lock:
         if geometry is None and model is not None:
             geometry = head_geometry(unwrap(model).config)
         elif geometry is None:
-            fp = self.fingerprint
-            geometry = HeadGeometry(int(fp["num_hidden_layers"]), int(fp["num_attention_heads"]),
-                                    int(fp.get("num_key_value_heads") or fp["num_attention_heads"]),
-                                    int(fp["head_dim"]), int(fp["hidden_size"]))
+            geometry = HeadGeometry.from_facts(self.fingerprint)
         layers = sorted({int(layer) for layer in self.layers.tolist()})
         slot = {layer: i for i, layer in enumerate(layers)}
         rows = torch.tensor([slot[int(layer)] for layer in self.layers.tolist()], dtype=torch.long)
@@ -302,13 +299,14 @@ class Lock:
         Every new bias is computed and checked for NaN/inf before any is written. A missing bias becomes a
         zero Parameter of the weight's dtype and device. With an unmerged LoRA adapter the bias goes into
         the adapter's base layer, matching the runtime hooks (the shift passes through the base weights).
+        `apply.bake` returns the whole `BakeRecord` (what was written, and the values it replaced).
         """
         from .apply import bake
 
-        return bake(self, model, alpha, force)
+        return bake(self, model, alpha, force).seconds
 
     def unbake(self, model: Any) -> None:
-        """Restore every o_proj bias a bake changed, exactly (see `unbake`)."""
+        """Restore every o_proj bias a bake changed, exactly (see `unbake`; a `BakeRecord` works too)."""
         from .apply import unbake
 
         unbake(model)

@@ -29,11 +29,16 @@ class Activations:
     positions: str
 
 
-def _run_quietly(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+def run_until_stopped(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Run a forward pass that a hook may cut short by raising `StopForward` (nothing after it is computed)."""
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
+
+
+_run_quietly = run_until_stopped
+StopForward = _StopForward
 
 
 @torch.no_grad()

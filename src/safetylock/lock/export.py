@@ -10,22 +10,15 @@ from typing import Any
 
 import torch
 
-from ..arch import HeadGeometry, head_geometry, unwrap
+from ..arch import ARCH_SPECS, HeadGeometry, head_geometry, unwrap
 from ..errors import SafetylockError, check_alpha
 from ..files import atomic_dir, check_output_dir
 from .artifact import Lock
 
 EXPORT_KIND = "apply"  # the manifest kind of a locked checkpoint directory (files.check_output_dir)
 
-EXPORT_LAYOUT = {
-    "llama": "native",
-    "gemma": "native",
-    "gemma2": "native",
-    "gemma3_text": "native",
-    "qwen2": "llama",
-    "mistral": "llama",
-    "phi3": "llama",
-}
+# Which layout each exportable model_type is written in: a view of arch.ARCH_SPECS.
+EXPORT_LAYOUT: dict[str, str] = {kind: spec.export for kind, spec in ARCH_SPECS.items() if spec.export is not None}
 _LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
                "tie_word_embeddings", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -33,21 +26,10 @@ _LLAMA_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 def _export_refusal(config: Any) -> str | None:
     """Return why a model cannot be written as a bias-carrying checkpoint exactly, or None."""
-    kind = config.model_type
-    if kind not in EXPORT_LAYOUT:
-        return f"exporting a {kind} model is not supported"
-    if EXPORT_LAYOUT[kind] != "llama":
-        return None
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    if kind == "qwen2" and "sliding_attention" in layer_types:
-        return "this qwen2 model uses sliding-window layers, which the Llama layout cannot express"
-    if kind in ("mistral", "phi3") and window is not None and window < config.max_position_embeddings:
-        return f"this {kind} model uses a {window}-token sliding window, which the Llama layout cannot express"
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    if kind == "phi3" and (rope.get("rope_type", "default") != "default" or float(rope.get("partial_rotary_factor", 1.0) or 1.0) != 1.0):
-        return "this phi3 model uses long or partial rotary embeddings, which the Llama layout cannot express"
-    return None
+    spec = ARCH_SPECS.get(config.model_type)
+    if spec is None or spec.export is None:
+        return f"exporting a {config.model_type} model is not supported"
+    return spec.export_refusal(config) if spec.export_refusal is not None else None
 
 
 def _llama_config(config: Any, geometry: HeadGeometry) -> Any:
@@ -64,24 +46,17 @@ def _llama_config(config: Any, geometry: HeadGeometry) -> Any:
 def _export_state(model: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """Return (config, state dict) of a bias-carrying checkpoint equivalent to the baked, merged `model`."""
     config = model.config
+    spec = ARCH_SPECS[config.model_type]
     geometry = head_geometry(config)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    if EXPORT_LAYOUT[config.model_type] == "native":
+    if spec.export == "native":
         out = copy.deepcopy(config)
         out.attention_bias = True
         out.architectures = [type(model).__name__]
     else:
         out = _llama_config(config, geometry)
-    if config.model_type == "phi3":
-        q_size, kv_size = geometry.width, geometry.num_kv_heads * geometry.head_dim
-        for key in [k for k in state if k.endswith("self_attn.qkv_proj.weight")]:
-            prefix = key.removesuffix("qkv_proj.weight")
-            q, k_, v = state.pop(key).split([q_size, kv_size, kv_size], dim=0)
-            state[prefix + "q_proj.weight"], state[prefix + "k_proj.weight"], state[prefix + "v_proj.weight"] = q, k_, v
-        for key in [k for k in state if k.endswith("mlp.gate_up_proj.weight")]:
-            prefix = key.removesuffix("gate_up_proj.weight")
-            gate, up = state.pop(key).chunk(2, dim=0)
-            state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"] = gate, up
+    if spec.export_rewrite is not None:
+        state = spec.export_rewrite(state, geometry)
     # attention_bias=True gives q, k, v and o a bias each: the ones the model lacks are zeros.
     for key in [k for k in state if re.search(r"self_attn\.(q|k|v|o)_proj\.weight$", k)]:
         bias_key = key.removesuffix("weight") + "bias"

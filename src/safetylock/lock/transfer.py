@@ -61,14 +61,15 @@ def check_transfer(
     *,
     base: Any = None,
     threshold: float = 0.7,
-    force: bool = True,
+    force: bool = False,
     batch_size: int = 8,
     progress: bool = False,
 ) -> TransferReport:
     """Return how well the lock's stored directions still separate safe from unsafe replies on `model`.
 
     Compared with the same measure on `base` when given, else with the projection accuracy recorded at
-    extraction (on held-out pairs). Warns when the mean target accuracy falls below `threshold`.
+    extraction (on held-out pairs). Warns when the mean target accuracy falls below `threshold`. `force` as in
+    `Lock.validate`: off, a model that does not descend from the lock's base is refused.
     """
     lock.validate(model, force=force)
     positions = str(lock.metadata.get("extraction", {}).get("positions", DEFAULT_POSITIONS))

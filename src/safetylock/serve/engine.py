@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..arch import o_proj_path
+from ..deployment import Deployment
 from ..errors import SafetylockError, check_alpha
 from ..generate import eos_token_ids, model_device
 from .adapters import ADAPTER_NAME, _module_paths_ancestors, _recorded_base, _weights_digest
@@ -49,10 +51,6 @@ def _context_length(model: Any) -> int:
 def _failure(exc: Exception) -> str:
     """Return the error text a request gets when its generation fails."""
     return f"generation failed ({type(exc).__name__}: {str(exc)[:200]})"
-
-
-def _pre_hook_count(model: Any) -> int:
-    return sum(len(m._forward_pre_hooks) for m in model.modules())
 
 
 class Engine:
@@ -98,19 +96,16 @@ class Engine:
         self._closed = False
         self.metrics.queue_depth = lambda: len(self._pending)
 
-        lock.validate(model, force=force)
         self.digest = _weights_digest(model)  # before baking: adapters record the unlocked base's digest
-        self.alpha = lock.default_alpha if alpha is None else float(alpha)
         self.conditional = conditional
-        self._hooks = contextlib.ExitStack()
-        if conditional:  # runtime hooks gated by the lock's harmfulness probe: benign prompts run unshifted
-            if not lock.has_condition:
-                raise SafetylockError("this lock has no harmfulness probe; extract it with --conditional to serve it so")
-            self._protected = {}
-            self._hooks.enter_context(lock.applied(model, alpha=self.alpha, conditional=True, force=force))
-            self._hook_count = _pre_hook_count(model)
-        else:
-            self._protected = self._bake(lock, self.alpha, force)
+        # Baked into the base, or runtime hooks gated by the lock's harmfulness probe (benign prompts run unshifted).
+        # Either way the deployment keeps the record of exactly what it changed, which `lock_intact` reads.
+        self.deployment = Deployment(name, lock=lock, mode="conditional" if conditional else "baked", alpha=alpha,
+                                     force=force, model=model, tokenizer=tokenizer)
+        self.deployment.open()
+        assert self.deployment.record is not None
+        self.alpha = self.deployment.record.alpha
+        self._locked_modules = {o_proj_path(model, layer) for layer in self.deployment.record.layers}
         model.eval()
         self._worker = threading.Thread(target=self._run, name="safetylock-serve-worker", daemon=True)
         self._worker.start()
@@ -118,17 +113,25 @@ class Engine:
     @classmethod
     def from_spec(cls, spec: str, lock_path: str | Path, *, alpha: float | None = None,
                   adapters: dict[str, str] | None = None, dtype: str = "auto", device: str | None = None,
-                  name: str | None = None, **options: Any) -> Engine:
-        """Return an engine for a model spec with the lock file baked in and the adapters loaded."""
+                  name: str | None = None, conditional: bool | None = False, **options: Any) -> Engine:
+        """Return an engine for a model spec with the lock file applied and the adapters loaded.
+
+        `conditional` None applies the lock the way `resolve_mode` picks (conditional with a harmfulness probe).
+        """
+        from ..deployment import resolve_mode
         from ..lock import Lock
         from ..models import load_model
 
         if alpha is not None:  # before the model loads, which takes minutes for a real one
             alpha = check_alpha(alpha, "--alpha")
         lock = Lock.load(Path(lock_path))
+        if conditional is None:
+            conditional = resolve_mode(lock, None) == "conditional"
+        elif conditional and not lock.has_condition:
+            raise SafetylockError(f"{lock_path} has no harmfulness probe; extract it with --conditional to serve it so")
         model, tokenizer = load_model(spec, dtype=dtype, device=device)
         served = name or (Path(spec).name if Path(spec).expanduser().exists() else spec)
-        engine = cls(model, tokenizer, lock, alpha=alpha, name=served, **options)
+        engine = cls(model, tokenizer, lock, alpha=alpha, name=served, conditional=conditional, **options)
         try:
             for adapter_name, path in (adapters or {}).items():
                 engine.add_adapter(adapter_name, path)
@@ -139,27 +142,13 @@ class Engine:
 
     # -- the lock ---------------------------------------------------------------------------------------
 
-    def _bake(self, lock: Any, alpha: float | None, force: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Bake the lock into the base; return the parameters it changed with their baked values."""
-        before = {n: p.detach().clone() for n, p in self.base.named_parameters() if p.dim() == 1}
-        lock.bake(self.base, alpha=alpha, force=force)
-        changed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for n, p in self.base.named_parameters():
-            if p.dim() == 1 and (n not in before or not torch.equal(before[n], p.detach())):
-                changed[n] = (p, p.detach().clone())
-        return changed
-
     def lock_intact(self) -> bool:
-        """Return whether every parameter the lock baked still holds its baked value (or its hooks are all in place)."""
-        if self.conditional:
-            return _pre_hook_count(self.base) >= self._hook_count
-        return all(torch.equal(p.detach(), baked) for p, baked in self._protected.values())
+        """Return whether the lock is exactly as applied: every baked bias holds its value, or every hook is in place."""
+        return self.deployment.intact()
 
     def lock_info(self) -> dict[str, Any]:
-        metadata = getattr(self.lock, "metadata", {}) or {}
-        fingerprint = {k: v for k, v in (metadata.get("fingerprint") or {}).items() if k != "sketch"}  # 3 KB of floats
-        return {"locked": True, "alpha": self.alpha, "fingerprint": fingerprint,
-                "baked_parameters": len(self._protected), "conditional": self.conditional}
+        """Return the lock as the admin sees it (/health, /v1/models): alpha, fingerprint, what is baked, the mode."""
+        return {"locked": True, **{k: v for k, v in self.deployment.status().items() if k != "locked"}}
 
     # -- adapters ---------------------------------------------------------------------------------------
 
@@ -184,9 +173,8 @@ class Engine:
             return f"only LoRA adapters can be served (this one is {config.get('peft_type')})"
         if str(config.get("bias", "none")) != "none":
             return f"the adapter trains biases (bias={config.get('bias')!r}), which would overwrite the baked lock"
-        protected_modules = {n.rsplit(".", 1)[0] for n in self._protected} | self._hooked_modules()
         for entry in config.get("modules_to_save") or []:
-            for path in protected_modules:
+            for path in self._locked_modules:
                 if any(a == entry or a.endswith("." + entry) for a in _module_paths_ancestors(path)):
                     return f"modules_to_save '{entry}' would replace the locked module '{path}'"
         recorded = _recorded_base(adapter_dir)
@@ -279,14 +267,6 @@ class Engine:
             self._pending.append(job)
             self._cv.notify()
 
-    def _hooked_modules(self) -> set[str]:
-        """Return the paths of the o_proj modules a conditional lock hooks (empty when baked)."""
-        if not self.conditional:
-            return set()
-        from ..arch import o_proj_path
-
-        return {o_proj_path(self.base, int(layer)) for layer in set(self.lock.layers.tolist())}
-
     def close(self) -> None:
         """Stop the worker; waiting jobs get an error event."""
         with self._cv:
@@ -296,7 +276,7 @@ class Engine:
         for job in waiting:
             job.send(Event("error", "the server is shutting down"))
         self._worker.join(timeout=30)
-        self._hooks.close()
+        self.deployment.close()
 
     def _next_batch(self) -> list[Job] | None:
         with self._cv:
