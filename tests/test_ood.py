@@ -248,3 +248,28 @@ def test_a_shared_cache_refuses_another_base_and_keeps_fine_tunes_apart(tmp_path
     assert one.cache == two.cache and one.ft != two.ft
     with pytest.raises(SafetylockError, match="caches another base"):
         _Run(tmp_path / "d", OODSettings(model="other", adapter=None, attack="a", cache_dir=str(tmp_path / "c")))
+
+
+def test_a_gate_that_reads_the_base_warns_on_a_merged_fine_tune(tokenizer):
+    import copy
+    import warnings
+
+    base = tiny_model("qwen2")
+    n_template = template_token_count(tokenizer)
+    feats = template_features(base, tokenizer, [format_chat(tokenizer, t) for t in ("a b", "c d")], n_template=n_template)
+    gate = fit_gate(torch.cat([feats, feats]), [1, 0, 1, 0], ["a", "a", "b", "b"], "heads:1")
+    from safetylock.models import fingerprint
+
+    lock = with_gate(synthetic_lock(base), gate, n_template, reads="base")
+    lock.metadata["fingerprint"] = fingerprint(base, sketch=True)  # as extract records it
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in merged.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    with pytest.warns(UserWarning, match="reads the base, but the model has no LoRA adapter"):
+        with lock.applied(merged, conditional=True):
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lock.applied(base, conditional=True):  # the base itself: nothing to warn about
+            pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -176,12 +177,28 @@ def gate_logits_on_ids(lock: Lock, model: Any, ids: torch.Tensor, mask: torch.Te
     return logits + float(lock.cond_bias.reshape(-1)[0])
 
 
+def _warn_if_base_unreachable(lock: Lock, model: Any) -> None:
+    """Warn when a gate that reads the base meets a model whose weights moved but that has no adapter to
+    switch off (a merged or full fine-tune): the gate then reads the fine-tune, where it was not fitted."""
+    if gate_reads(lock) != "base" or getattr(model, "peft_config", None):
+        return
+    from ..models import sketch_distance, weight_sketch
+
+    recorded = lock.fingerprint.get("sketch")
+    found = sketch_distance(recorded, weight_sketch(model)) if recorded else None
+    if found is not None and found[0] > 1e-6:
+        warnings.warn("this lock's gate reads the base, but the model has no LoRA adapter to switch off and its "
+                      "weights differ from the base's: the gate reads the fine-tune itself, where it may not fire "
+                      "(docs/ood.md); serve the fine-tune as an unmerged adapter", stacklevel=3)
+
+
 def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
     """Return the hook handles that decide, per prompt, whether `state` lets the shift hooks act.
 
     Each multi-token call is first run unshifted up to the deepest probe layer; the probe reads the
     prompt's last template tokens and sets `state.rows`, which the one-token calls that follow reuse.
     """
+    _warn_if_base_unreachable(lock, model)
     def decide(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if state.deciding:
             return
