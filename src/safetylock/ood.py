@@ -133,7 +133,9 @@ def _features(run: _Run, name: str, model: Any, tokenizer: Any, chats: Sequence[
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    key = sha256_text(json.dumps([name, run.settings.model, run.settings.adapter, run.settings.dtype]))[:16]
+    of_base = name == "base" or name.startswith("base-")  # the base's features serve every fine-tune of it
+    adapter = None if of_base else run.settings.adapter
+    key = sha256_text(json.dumps([name, run.settings.model, adapter, run.settings.dtype]))[:16]
     path = run.cache / f"features-{name}-{key}.safetensors"
     rows: dict[str, torch.Tensor] = {}
     if path.is_file():
