@@ -273,3 +273,22 @@ def test_a_gate_that_reads_the_base_warns_on_a_merged_fine_tune(tokenizer):
         warnings.simplefilter("error")
         with lock.applied(base, conditional=True):  # the base itself: nothing to warn about
             pass
+
+
+def test_extract_gate_with_refusal_labels_reads_what_the_base_refuses(tokenizer, monkeypatch):
+    """`gate_lock(..., 'refusal:...', reads='base')`: labels come from the base's own replies, and the lock
+    records that its gate reads the base."""
+    import safetylock.gates as gates
+
+    seen = {}
+
+    def fake_labels(model, tok, texts, **kwargs):
+        seen["n"] = len(texts)
+        return [i % 2 for i in range(len(texts))]  # what the base "refused"
+
+    monkeypatch.setattr(gates, "refusal_labels", fake_labels)
+    model = tiny_model("qwen2")
+    lock = gates.gate_lock(synthetic_lock(model), model, tokenizer, "refusal:heads:2", reads="base", limit=2)
+    cond = lock.metadata["condition"]
+    assert cond["reads"] == "base" and cond["design"] == "refusal:heads:2" and lock.has_condition
+    assert seen["n"] == cond["n_lock"] + cond["n_leave"] and cond["n_lock"] == seen["n"] // 2
