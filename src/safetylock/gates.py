@@ -251,20 +251,17 @@ def with_gate(lock: Any, gate: GateFit, n_template: int, reads: str = "model") -
     return out
 
 
-REFUSAL_JUDGE = "relevance:0.25"  # the best judge on human labels (bench/judges/HUMAN.md)
-
-
 def refusal_labels(model: Any, tokenizer: Any, texts: Sequence[str], *, system: str | None = None,
-                   judge: str = REFUSAL_JUDGE, max_new_tokens: int = 40, batch_size: int = 8,
+                   judge: str | None = None, max_new_tokens: int = 40, batch_size: int = 8,
                    progress: bool = False) -> list[int]:
     """Return 1 for each prompt the model refuses (its greedy reply, judged), else 0: the labels of a
     `refusal:` gate, run on the aligned base, so the gate locks exactly where the base would refuse."""
     from .generate import generate
-    from .judges import get_judge
+    from .judges import DEFAULT_JUDGE, get_judge
 
     replies = generate(model, tokenizer, texts, system=system, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=progress).texts
-    return [int(j.refused) for j in get_judge(judge).judge_many(list(texts), replies)]
+    return [int(j.refused) for j in get_judge(judge or DEFAULT_JUDGE).judge_many(list(texts), replies)]
 
 
 def fit_gate_on_sources(model: Any, tokenizer: Any, design: str, *, harmful: Sequence[str] | None = None,

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from .errors import SafetylockError
+from .judges import DEFAULT_JUDGE
 from .files import sha256_text, write_json
 from .screen import REFUSAL_MESSAGE
 from .stats import wilson
 
 DESIGNS = ("builtin", "heads:8", "all", "all@deployed:0.05", "refusal:heads:8", "refusal:all", "refusal:all@deployed:0.05")
-OOD_JUDGE = "relevance:0.25"  # the best judge on human labels from outside the project (bench/judges/HUMAN.md)
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class OODSettings:
     attack: str
     system: str | None = None
     designs: tuple[str, ...] = DESIGNS
-    judge: str = OOD_JUDGE
+    judge: str = DEFAULT_JUDGE  # the best judge on human labels (bench/judges/HUMAN.md)
     max_new_tokens: int = 40
     batch_size: int = 8
     pairs: int = 64
