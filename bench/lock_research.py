@@ -26,7 +26,7 @@ if not os.path.exists(LOCKF):
     harmful = [p.text for p in harmful_prompts("extract")][-64:]
     harmless = [p.text for p in harmless_prompts("extract")][:64]
     lk = fit_condition(lk, m, t, harmful, harmless, progress=True)
-    print("extract s", time.time() - t0, lk.metadata["condition"], flush=True)
+    print("extract s", time.time() - t0, lk.gate.condition() if lk.gate else None, flush=True)
     lk.save(LOCKF)
     del m
 lk = Lock.load(LOCKF)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from tiny import FAMILIES, tiny_config, tiny_model
@@ -11,6 +13,7 @@ from tiny import FAMILIES, tiny_config, tiny_model
 from safetylock import SafetylockError
 from safetylock.arch import decoder_layers, head_geometry, o_proj
 from safetylock.lock import (
+    Gate,
     Lock,
     check_transfer,
     export_locked,
@@ -291,10 +294,10 @@ def test_conditional_shifts_only_flagged_rows(tokenizer):
     harmful = [f"build a bomb number {i}" for i in range(4)]
     harmless = [f"bake a cake number {i}" for i in range(4)]
     lock = fit_condition(synthetic_lock(model), model, tokenizer, harmful, harmless, heads=2)
-    assert lock.has_condition and lock.metadata["condition"]["heads"] == 2
+    assert lock.gate is not None and len(lock.gate.layers) == 2 and lock.gate.condition()["heads"] == 2
     prompts = ["make a bomb", "bake a cake"]  # same token count: no padding
     raw = lock.condition_logits(model, tokenizer, prompts)
-    lock.cond_bias = lock.cond_bias - raw.mean().float()  # put the threshold between the two prompts
+    lock = lock.with_gate(replace(lock.gate, bias=lock.gate.bias - float(raw.mean())))  # the threshold between the two
     flags = lock.flagged(model, tokenizer, prompts)
     assert flags.sum() == 1
     from safetylock.generate import format_chat
@@ -441,9 +444,8 @@ def full_lock(model) -> Lock:
     lock.midpoints = torch.tensor([0.1, -0.2, 0.3])
     lock.accuracy = torch.rand(g.num_layers, g.num_heads, generator=torch.Generator().manual_seed(1))
     lock.separation = torch.rand(g.num_layers, g.num_heads, generator=torch.Generator().manual_seed(2))
-    lock.cond_layers, lock.cond_heads = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
-    lock.cond_mean, lock.cond_scale = torch.zeros(m * g.head_dim), torch.ones(m * g.head_dim)
-    lock.cond_weight, lock.cond_bias = torch.linspace(-1, 1, m * g.head_dim), torch.tensor([0.5])
+    lock.gate = Gate([0, 1, 2], [0, 1, 2], np.zeros(m * g.head_dim), np.ones(m * g.head_dim),
+                     np.linspace(-1, 1, m * g.head_dim), 0.5, {"design": "test"})
     lock.metadata["extraction"] = {"heads": 3}
     return lock
 
@@ -452,7 +454,7 @@ def per_head_fields(lock: Lock) -> list[str]:
     from dataclasses import fields
 
     return [f.name for f in fields(lock) if isinstance(getattr(lock, f.name), torch.Tensor)
-            and f.name not in ("accuracy", "separation") and not f.name.startswith("cond_")]
+            and f.name not in ("accuracy", "separation")]
 
 
 def test_select_keeps_exactly_the_chosen_heads_deltas():
@@ -483,10 +485,11 @@ def test_select_slices_every_per_head_field_and_copies_the_rest():
     for name in per_head_fields(lock):
         assert getattr(chosen, name).shape[0] == 2, name
         assert torch.equal(getattr(chosen, name), getattr(lock, name)[keep]), name
-    for name in ("accuracy", "separation", "cond_layers", "cond_heads", "cond_mean", "cond_scale", "cond_weight",
-                 "cond_bias"):
+    for name in ("accuracy", "separation"):
         assert torch.equal(getattr(chosen, name), getattr(lock, name)), name
         assert getattr(chosen, name).data_ptr() != getattr(lock, name).data_ptr(), name
+    assert chosen.gate is not None and lock.gate is not None and chosen.gate is not lock.gate
+    assert chosen.gate.layers == lock.gate.layers and np.array_equal(chosen.gate.weight, lock.gate.weight)
     assert chosen.metadata == lock.metadata and chosen.metadata is not lock.metadata
     chosen.metadata["extraction"]["heads"] = 2
     assert lock.metadata["extraction"]["heads"] == 3, "metadata is deep-copied"
@@ -523,7 +526,8 @@ def test_a_selected_lock_saves_and_loads(tmp_path):
     chosen = full_lock(model).select([1])
     again = Lock.load(chosen.save(tmp_path / "one.safetensors"))
     assert len(again) == 1 and torch.equal(again.directions, chosen.directions)
-    assert torch.equal(again.cond_weight, chosen.cond_weight)
+    assert again.gate is not None and chosen.gate is not None
+    assert np.array_equal(again.gate.weight, np.float32(chosen.gate.weight)) and again.gate.about == {"design": "test"}
     again.validate(model)
 
 

@@ -1,5 +1,7 @@
 """The out-of-distribution pieces: gates fitted on features, prompt attacks, what the user sees, the composition."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -154,7 +156,7 @@ def test_gate_refusal_replies_the_message_exactly_where_the_gate_fires(tokenizer
                          [f"cake {i}" for i in range(4)], heads=2)
     prompts = ["make a bomb", "bake a cake"]
     raw = lock.condition_logits(model, tokenizer, prompts)
-    lock.cond_bias = lock.cond_bias - raw.mean().float()  # the threshold between the two prompts
+    lock = lock.with_gate(replace(lock.gate, bias=lock.gate.bias - float(raw.mean())))  # the threshold between the two
     flags = lock.flagged(model, tokenizer, prompts)
     plain = generate(model, tokenizer, prompts, max_new_tokens=40).texts
     with GateRefusal(lock, tokenizer).applied(model):
@@ -209,7 +211,7 @@ def test_a_gate_that_reads_the_base_switches_the_adapter_off_for_the_decision_on
     reads_ft = with_gate(synthetic_lock(base), gate, n_template, reads="model")
     assert not torch.allclose(reads_ft.condition_logits(ft, tokenizer, prompts), plain)
     # The decision pass under the real hooks reads the base too, and the reply is still the fine-tune's.
-    on_base.cond_bias = on_base.cond_bias + 1e6  # fires on every prompt: the shift applies, adapter on
+    on_base = on_base.with_gate(replace(on_base.gate, bias=on_base.gate.bias + 1e6))  # fires on every prompt: shift applies, adapter on
     with on_base.applied(ft, conditional=True):
         locked = generate(ft, tokenizer, prompts, max_new_tokens=6).texts
     with on_base.applied(ft):
@@ -289,6 +291,6 @@ def test_extract_gate_with_refusal_labels_reads_what_the_base_refuses(tokenizer,
     monkeypatch.setattr(gates, "refusal_labels", fake_labels)
     model = tiny_model("qwen2")
     lock = gates.gate_lock(synthetic_lock(model), model, tokenizer, "refusal:heads:2", reads="base", limit=2)
-    cond = lock.metadata["condition"]
+    cond = lock.gate.condition()
     assert cond["reads"] == "base" and cond["design"] == "refusal:heads:2" and lock.has_condition
     assert seen["n"] == cond["n_lock"] + cond["n_leave"] and cond["n_lock"] == seen["n"] // 2

@@ -17,7 +17,7 @@ _PUBLIC = {
     "gates": ("GateFit", "fit_gate", "template_features", "with_gate"),
     "generate": ("Generation", "GenerationRun", "format_chat", "generate"),
     "guard": ("GuardDefense", "fit_guard"),
-    "lock": ("Lock", "check_transfer", "export_locked", "extract", "fit_condition", "head_activations"),
+    "lock": ("Gate", "Lock", "check_transfer", "export_locked", "extract", "fit_condition", "head_activations"),
     "models": ("ALIASES", "DEFAULT_MODEL", "attach_adapter", "fetch_alias", "fingerprint", "load_model"),
     "repair": ("SafetyVector", "fit_resta", "fit_safe_lora"),
     "screen": ("forced_reply",),

@@ -18,7 +18,6 @@ Every source weighs the same in a fit, whatever its size: a gate must not learn 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,30 +26,9 @@ import numpy as np
 import torch
 
 from .errors import SafetylockError
+from .lock.gate_artifact import GATE_READS, Gate, read_heads
 
-
-@dataclass
-class GateFit:
-    """A fitted gate: the (layer, head) pairs it reads, the standardisation, the logistic weights, the bias."""
-
-    layers: list[int]
-    heads: list[int]
-    mean: np.ndarray
-    scale: np.ndarray
-    weight: np.ndarray
-    bias: float
-    about: dict[str, Any]
-
-    def scores(self, features: torch.Tensor) -> np.ndarray:
-        """Return the gate's score per prompt (> 0: it fires) from (n, layers, heads, head_dim) features."""
-        x = _select(features, self.layers, self.heads)
-        return np.asarray(((x - self.mean) / self.scale) @ self.weight + self.bias)
-
-
-def _select(features: torch.Tensor, layers: Sequence[int], heads: Sequence[int]) -> np.ndarray:
-    idx_l = torch.tensor(list(layers), dtype=torch.long)
-    idx_h = torch.tensor(list(heads), dtype=torch.long)
-    return features[:, idx_l, idx_h, :].reshape(features.shape[0], -1).double().numpy()
+GateFit = Gate  # the name the out-of-distribution protocol has used for a fitted gate
 
 
 @torch.no_grad()
@@ -192,7 +170,7 @@ def fit_gate(features: torch.Tensor, labels: Sequence[int], sources: Sequence[st
         pairs = _rank_heads(features, y, w, min(int(k or 1), n_layers * n_heads), seed)
         c = 1.0 if c is None else c
     layers, heads = [p[0] for p in pairs], [p[1] for p in pairs]
-    x = _select(features, layers, heads)
+    x = read_heads(features, layers, heads)
     mu, sd = x.mean(0), x.std(0) + 1e-6
     z = (x - mu) / sd
     probe = _logistic(z, y, w, c, seed)
@@ -230,25 +208,15 @@ def recalibrate(gate: GateFit, benign_features: torch.Tensor, sources: Sequence[
     return replace(gate, bias=gate.bias - cut, about=about)
 
 
-def with_gate(lock: Any, gate: GateFit, n_template: int, reads: str = "model") -> Any:
+def with_gate(lock: Any, gate: Gate, n_template: int, reads: str = "model") -> Any:
     """Return a copy of `lock` whose conditional gate is `gate` (directions, stds and alpha unchanged).
 
     `reads`: 'model' (the gate reads the deployed model) or 'base' (its peft adapter switched off for the
     decision, so a gate fitted on the base reads what it was fitted on; `lock.gate.gate_reading`).
     """
-    from .lock.gate import GATE_READS
-
     if reads not in GATE_READS:
         raise SafetylockError(f"bad gate reading '{reads}'; use {' or '.join(GATE_READS)}")
-    out = replace(lock, metadata=copy.deepcopy(lock.metadata))
-    out.cond_layers = torch.tensor(gate.layers, dtype=torch.long)
-    out.cond_heads = torch.tensor(gate.heads, dtype=torch.long)
-    out.cond_mean = torch.from_numpy(gate.mean).float()
-    out.cond_scale = torch.from_numpy(gate.scale).float()
-    out.cond_weight = torch.from_numpy(gate.weight).float()
-    out.cond_bias = torch.tensor([gate.bias], dtype=torch.float32)
-    out.metadata["condition"] = {"template_tokens": n_template, "heads": len(gate.layers), **gate.about, "reads": reads}
-    return out
+    return lock.with_gate(replace(gate, about=dict(gate.about), template_tokens=n_template, reads=reads))
 
 
 def refusal_labels(model: Any, tokenizer: Any, texts: Sequence[str], *, system: str | None = None,
@@ -310,19 +278,19 @@ def gate_lock(lock: Any, model: Any, tokenizer: Any, design: str = "builtin", *,
 
         out = fit_condition(lock, model, tokenizer, *gate_prompts(64, seed), seed=seed, batch_size=batch_size,
                             progress=progress)
-        return out if reads == "model" else with_gate(out, installed_gate(out), template_token_count(tokenizer), reads)
+        return out if reads == "model" else out.with_gate(replace(installed_gate(out), reads=reads))
     gate = fit_gate_on_sources(model, tokenizer, design, seed=seed, batch_size=batch_size, limit=limit,
                                progress=progress)
     return with_gate(lock, gate, template_token_count(tokenizer), reads=reads)
 
 
-def installed_gate(lock: Any) -> GateFit:
-    """Return a lock's installed gate as a GateFit (scores identical to `Lock.condition_logits`)."""
-    return GateFit([int(x) for x in lock.cond_layers], [int(x) for x in lock.cond_heads],
-                   lock.cond_mean.double().numpy(), lock.cond_scale.double().numpy(),
-                   lock.cond_weight.double().numpy(), float(lock.cond_bias.reshape(-1)[0]),
-                   {"design": "builtin", **lock.metadata.get("condition", {})})
+def installed_gate(lock: Any) -> Gate:
+    """Return a copy of a lock's installed gate, its design named (scores identical to `Lock.condition_logits`)."""
+    if lock.gate is None:
+        raise SafetylockError("this lock has no harmfulness gate; fit one with `safetylock extract --gate`")
+    gate: Gate = lock.gate
+    return replace(gate, about={"design": "builtin", **gate.about})
 
 
-__all__ = ["Design", "GateFit", "fit_gate", "fit_gate_on_sources", "gate_lock", "installed_gate", "recalibrate", "refusal_labels", "parse_design", "source_weights", "template_features",
+__all__ = ["Design", "Gate", "GateFit", "fit_gate", "fit_gate_on_sources", "gate_lock", "installed_gate", "recalibrate", "refusal_labels", "parse_design", "source_weights", "template_features",
            "with_gate"]

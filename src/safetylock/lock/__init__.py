@@ -10,8 +10,8 @@ at run time through forward pre-hooks on `o_proj` (`Lock.applied`), or permanent
 (`Lock.bake`), which is the same function of the input because o_proj is linear. `export_locked` writes a baked
 checkpoint that plain `transformers` loads with the bias intact.
 
-Beyond the paper: an optional harmfulness probe (`fit_condition`) on the prompt's post-instruction template
-tokens lets `applied(..., conditional=True)` shift only the sequences the probe flags.
+Beyond the paper: an optional harmfulness gate (`Gate`, fitted by `fit_condition` or `gates`) on the prompt's
+post-instruction template tokens lets `applied(..., conditional=True)` shift only the sequences it flags.
 
 One file per concern, in pipeline order:
     positions   which tokens a spec like "response:1-8" names
@@ -20,7 +20,8 @@ One file per concern, in pipeline order:
     extraction  `extract`: pairs -> `Lock`
     artifact    the `Lock` itself, its file format and its fit to a model
     apply       run-time hooks and bake, each returning the record that takes it off again
-    gate        the harmfulness probe behind conditional locks (`fit_condition`)
+    gate_artifact  the harmfulness gate as its own object and file (`Gate`), swappable on a lock (`with_gate`)
+    gate        fitting the built-in gate and deciding with it at run time, inside the prompt's pass
     transfer    do the directions still separate on the fine-tuned model (`check_transfer`)
     export      a baked checkpoint plain transformers loads (`export_locked`)
     inspect     heat maps and a text summary
@@ -35,7 +36,8 @@ from .capture import Activations, head_activations
 from .method import HeadFit, fit_heads, rank_heads, split_pairs
 from .extraction import extract
 from .apply import BakedBias, BakeRecord, HookRecord, unbake
-from .gate import GATE_READS, fit_condition, gate_reading, gate_reads
+from .gate_artifact import GATE_READS, Gate
+from .gate import fit_condition, gate_reading, gate_reads
 from .transfer import TransferReport, check_transfer, projection_accuracy
 from .export import EXPORT_KIND, EXPORT_LAYOUT, export_locked
 from .inspect import describe, heatmap_text, plot_heatmap
@@ -59,6 +61,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "GATE_READS",
+    "Gate",
     "SHAPE_KEYS",
     "SOFT_KEYS",
     "Activations",

@@ -32,6 +32,7 @@ class _HookState:
         self.conditional = False
         self.rows: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
+        self.reading: Any = None  # the gate's reading of the prompt pass now running (`gate._Reading`)
 
 
 def _shift_hook(delta: torch.Tensor, positions: str, state: _HookState) -> Any:
@@ -79,6 +80,8 @@ class HookRecord:
 
 
 def _registered(handle: Any) -> bool:
+    if hasattr(handle, "registered"):  # the gate's wrapped forward (`gate._ForwardWrap`)
+        return bool(handle.registered())
     hooks = handle.hooks_dict_ref()
     return hooks is not None and handle.id in hooks
 
@@ -95,7 +98,7 @@ def install(
     if positions not in ("all", "generation"):
         raise SafetylockError(f"positions must be 'all' or 'generation', got '{positions}'")
     if conditional and not lock.has_condition:
-        raise SafetylockError("this lock has no harmfulness probe; fit one with fit_condition (extract --conditional)")
+        raise SafetylockError("this lock has no harmfulness gate; fit one with fit_condition (extract --gate)")
     lock.validate(model, force=force)
     a = lock.default_alpha if alpha is None else check_alpha(alpha, "alpha")
     state = _HookState()

@@ -11,16 +11,14 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..arch import HeadGeometry, head_geometry, unwrap
 from ..errors import SafetylockError, check_alpha
 from ..files import read_tagged_safetensors, sha256_text, write_tagged_safetensors
-
-if TYPE_CHECKING:
-    from .apply import _HookState
+from .gate_artifact import Gate
 
 FORMAT = "safetylock.lock"
 FORMAT_VERSION = 1
@@ -51,8 +49,8 @@ def _hash_rows(rows: Sequence[Sequence[str | None]]) -> str:
 class Lock:
     """Chosen heads, their unit directions and projection stds, plus the metadata that says what they fit.
 
-    Optional: the full layer x head validation-accuracy map (`accuracy`), and a harmfulness probe for
-    conditional application (`cond_*`: heads, feature standardisation, logistic weights).
+    Optional: the full layer x head validation-accuracy map (`accuracy`), and a harmfulness gate for
+    conditional application (`gate`, its own object: swap it with `with_gate`).
     """
 
     layers: torch.Tensor  # (K,) int64
@@ -64,12 +62,7 @@ class Lock:
     midpoints: torch.Tensor | None = None  # (K,) projection threshold on the base, for transfer checks
     accuracy: torch.Tensor | None = None  # (L, H)
     separation: torch.Tensor | None = None  # (L, H)
-    cond_layers: torch.Tensor | None = None  # (M,)
-    cond_heads: torch.Tensor | None = None  # (M,)
-    cond_mean: torch.Tensor | None = None  # (M * head_dim,)
-    cond_scale: torch.Tensor | None = None  # (M * head_dim,)
-    cond_weight: torch.Tensor | None = None  # (M * head_dim,)
-    cond_bias: torch.Tensor | None = None  # (1,)
+    gate: Gate | None = None  # the harmfulness gate of a conditional lock (`gate_artifact`)
 
     # -- metadata -------------------------------------------------------------------------------------
 
@@ -93,7 +86,20 @@ class Lock:
 
     @property
     def has_condition(self) -> bool:
-        return self.cond_weight is not None
+        return self.gate is not None
+
+    def with_gate(self, gate: Gate | None) -> Lock:
+        """Return a copy whose gate is `gate` (None: no gate); directions, stds and alpha are shared unchanged.
+
+        The gate is stored as a file stores it (float32), so the lock decides the same before and after a save.
+        """
+        if gate is not None:
+            head_dim = self.fingerprint.get("head_dim")
+            if head_dim is not None and gate.head_dim != int(head_dim):
+                raise SafetylockError(f"the gate reads heads {gate.head_dim} wide but this lock's model has head_dim "
+                                      f"{head_dim}; fit a gate on this lock's base")
+            gate = gate.rounded()
+        return replace(self, metadata=copy.deepcopy(self.metadata), gate=gate)
 
     def __len__(self) -> int:
         return int(self.layers.numel())
@@ -101,7 +107,7 @@ class Lock:
     # -- choosing heads ---------------------------------------------------------------------------------
 
     # Tensor fields that are not one row per chosen head: the full layer x head maps (their first dimension is
-    # the layer count, which can equal K by chance) and the gate's `cond_*` fields. Every other tensor field is
+    # the layer count, which can equal K by chance); the gate is not a tensor. Every other tensor field is
     # per-head, so `select` slices a new one without being told, and refuses one whose rows do not match.
     _WHOLE_LOCK = ("accuracy", "separation")
 
@@ -128,7 +134,7 @@ class Lock:
         chosen: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, torch.Tensor) or f.name in self._WHOLE_LOCK or f.name.startswith("cond_"):
+            if not isinstance(value, torch.Tensor) or f.name in self._WHOLE_LOCK:
                 chosen[f.name] = copy.deepcopy(value)
             elif value.dim() >= 1 and value.shape[0] == k:
                 chosen[f.name] = value[index.to(value.device)]
@@ -141,8 +147,7 @@ class Lock:
 
     # -- files ----------------------------------------------------------------------------------------
 
-    _TENSORS = ("layers", "heads", "directions", "stds", "scores", "midpoints", "accuracy", "separation",
-                "cond_layers", "cond_heads", "cond_mean", "cond_scale", "cond_weight", "cond_bias")
+    _TENSORS = ("layers", "heads", "directions", "stds", "scores", "midpoints", "accuracy", "separation")
 
     def save(self, path: str | Path) -> Path:
         """Write the lock as safetensors with its metadata as JSON in the header, atomically; return the path."""
@@ -150,6 +155,9 @@ class Lock:
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in self._TENSORS
                    if getattr(self, name) is not None}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.metadata}
+        if self.gate is not None:
+            tensors.update(self.gate.tensors())
+            meta["condition"] = self.gate.condition()
         return write_tagged_safetensors(path, tensors, meta)
 
     @classmethod
@@ -163,7 +171,8 @@ class Lock:
             raise SafetylockError(f"{path} lacks tensor(s) {', '.join(missing)}; the file is damaged, extract it again")
         if not isinstance(meta.get("fingerprint", {}), dict):
             raise SafetylockError(f"{path}: its metadata's fingerprint is not a JSON object; the file is damaged, extract it again")
-        lock = cls(metadata=meta, **{k: v for k, v in tensors.items() if k in cls._TENSORS})
+        gate = Gate.from_stored(tensors, meta.pop("condition", {}), str(path))
+        lock = cls(metadata=meta, gate=gate, **{k: v for k, v in tensors.items() if k in cls._TENSORS})
         lock._check_consistent(str(path))
         check_alpha(meta.get("default_alpha", DEFAULT_ALPHA), f"{path}: default_alpha")
         return lock
@@ -275,11 +284,6 @@ class Lock:
         return applied(self, model, alpha, positions, conditional, force)
 
     apply = applied
-
-    def _condition_hooks(self, model: Any, state: _HookState) -> list[Any]:
-        from .gate import condition_hooks
-
-        return condition_hooks(self, model, state)
 
     def condition_logits(self, model: Any, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
         """Return the harmfulness probe's logit per prompt (> 0: the conditional lock would apply)."""

@@ -1,14 +1,17 @@
-"""The harmfulness gate: a probe on the prompt's post-instruction template tokens that decides which
-sequences a conditional lock shifts (`fit_condition`, `Lock.applied(..., conditional=True)`, `Lock.flagged`).
+"""The harmfulness gate at work: fitting the built-in probe (`fit_condition`), reading it on a prompt, and the
+hooks that let a conditional lock shift only the sequences it flags (`Lock.applied(..., conditional=True)`).
+
+The gate itself, its weights and what it was fitted on, is a `Gate` (`gate_artifact`). At run time it decides
+inside the prompt's own forward pass when it reads the deployed model: its layers are read on the way, and the
+pass goes on unshifted (nothing flagged), shifted from there on (every shifted layer lies deeper), or is cut
+short and run again shifted. Only a gate that reads the base under a peft adapter needs a pass of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,7 +21,8 @@ from torch import nn
 from ..arch import decoder_model, head_geometry, o_proj, unwrap
 from ..errors import SafetylockError
 from .artifact import Lock, _hash_rows
-from .capture import Activations, _run_quietly, _StopForward, head_activations
+from .capture import Activations, StopForward, head_activations, run_until_stopped
+from .gate_artifact import GATE_READS, Gate
 from .method import fit_heads, rank_heads, split_pairs
 from .positions import template_token_count
 
@@ -90,34 +94,20 @@ def fit_condition(
     probe = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
     probe.fit((x[train] - mu) / sd, labels[train])
     val_acc = float((probe.predict((x[val] - mu) / sd) == labels[val]).mean())
-    out = replace(lock, metadata=copy.deepcopy(lock.metadata))
-    out.cond_layers = torch.tensor(layers, dtype=torch.long)
-    out.cond_heads = torch.tensor(hs, dtype=torch.long)
-    out.cond_mean = torch.from_numpy(mu).float()
-    out.cond_scale = torch.from_numpy(sd).float()
-    out.cond_weight = torch.from_numpy(probe.coef_[0]).float()
-    out.cond_bias = torch.tensor([float(probe.intercept_[0])], dtype=torch.float32)
-    out.metadata["condition"] = {
-        "template_tokens": template_token_count(tokenizer),
-        "heads": len(chosen),
-        "val_accuracy": round(val_acc, 4),
-        "harmful": len(harmful),
-        "harmless": len(harmless),
-        "prompts_sha256": _hash_rows([[*harmful], [*harmless]]),
-        "seed": seed,
-    }
-    return out
-
-
-GATE_READS = ("model", "base")
+    gate = Gate(layers, hs, mu, sd, probe.coef_[0], float(probe.intercept_[0]),
+                {"val_accuracy": round(val_acc, 4), "harmful": len(harmful), "harmless": len(harmless),
+                 "prompts_sha256": _hash_rows([[*harmful], [*harmless]]), "seed": seed},
+                template_tokens=template_token_count(tokenizer))
+    return lock.with_gate(gate)
 
 
 def gate_reads(lock: Lock) -> str:
     """Return what the gate reads: 'model' (the deployed model as it is) or 'base' (its adapter switched off)."""
-    reads = str(lock.metadata.get("condition", {}).get("reads", "model"))
-    if reads not in GATE_READS:
-        raise SafetylockError(f"this lock's gate reads '{reads}'; this version knows {', '.join(GATE_READS)}")
-    return reads
+    return lock.gate.reads if lock.gate is not None else "model"
+
+
+def _has_adapter(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
 
 
 @contextlib.contextmanager
@@ -128,53 +118,68 @@ def gate_reading(lock: Lock, model: Any) -> Iterator[None]:
     unchanged): a fine-tune moves the features a gate fitted on the base reads. A model without an adapter is
     read as it is (a merged fine-tune cannot be told from its base here: give it a `deployed:` threshold).
     """
-    if gate_reads(lock) == "base" and hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
+    if gate_reads(lock) == "base" and _has_adapter(model):
         with model.disable_adapter():
             yield
     else:
         yield
 
 
+def _installed(lock: Lock) -> Gate:
+    if lock.gate is None:
+        raise SafetylockError("this lock has no harmfulness gate; fit one with fit_condition (extract --gate)")
+    return lock.gate
+
+
+def _read_gate(gate: Gate, captured: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Return the gate's logit per row from each read layer's o_proj input (the rows' last template tokens)."""
+    D = gate.head_dim
+    feats = []
+    for b in range(mask.shape[0]):
+        real = torch.nonzero(mask[b], as_tuple=False).flatten()[-gate.template_tokens:]
+        parts = [captured[layer][b, real, head * D : (head + 1) * D].double().mean(0).cpu()
+                 for layer, head in zip(gate.layers, gate.heads)]
+        feats.append(torch.cat(parts))
+    return gate.logits(torch.stack(feats))
+
+
+def _ids_and_mask(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        raise SafetylockError("conditional locks need input_ids (inputs_embeds are not supported)")
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        mask = torch.ones_like(ids)
+    return ids, mask
+
+
 def gate_logits_on_ids(lock: Lock, model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Return the gate's logit per row of a (left-padded) batch of token ids (> 0: the gate fires).
 
-    The batch runs through the model up to the deepest layer the gate reads, as it is (any shift hooks the
-    caller installed act, so callers that want the unshifted reading switch them off first); the gate reads
-    each row's last template tokens.
+    The batch runs through the model (as the gate reads it: `gate_reading`) up to the deepest layer the gate
+    reads, as it is (any shift hooks the caller installed act, so callers that want the unshifted reading
+    switch them off first); the gate reads each row's last template tokens.
     """
-    assert lock.cond_layers is not None and lock.cond_heads is not None
-    assert lock.cond_mean is not None and lock.cond_scale is not None
-    assert lock.cond_weight is not None and lock.cond_bias is not None
-    D = head_geometry(unwrap(model).config).head_dim
-    n_template = int(lock.metadata.get("condition", {}).get("template_tokens", 1))
-    cond_layers = [int(x) for x in lock.cond_layers.tolist()]
-    cond_heads = [int(x) for x in lock.cond_heads.tolist()]
-    wanted = sorted(set(cond_layers))
+    gate = _installed(lock)
+    wanted = sorted(set(gate.layers))
     captured: dict[int, torch.Tensor] = {}
 
     def capture(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             captured[layer] = args[0].detach()
             if layer == wanted[-1]:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
     handles = [o_proj(model, layer).register_forward_pre_hook(capture(layer)) for layer in wanted]
     try:
         with torch.no_grad(), gate_reading(lock, model):
-            _run_quietly(decoder_model(model), ids, mask)
+            run_until_stopped(decoder_model(model), ids, mask)
     finally:
         for handle in handles:
             handle.remove()
-    feats = []
-    for b in range(ids.shape[0]):
-        real = torch.nonzero(mask[b], as_tuple=False).flatten()[-n_template:]
-        parts = [captured[layer][b, real, head * D : (head + 1) * D].double().mean(0).cpu()
-                 for layer, head in zip(cond_layers, cond_heads)]
-        feats.append(torch.cat(parts))
-    logits = ((torch.stack(feats) - lock.cond_mean.double()) / lock.cond_scale.double()) @ lock.cond_weight.double()
-    return logits + float(lock.cond_bias.reshape(-1)[0])
+    return _read_gate(gate, captured, mask)
 
 
 def _warn_if_base_unreachable(lock: Lock, model: Any) -> None:
@@ -192,48 +197,135 @@ def _warn_if_base_unreachable(lock: Lock, model: Any) -> None:
                       "(docs/ood.md); serve the fine-tune as an unmerged adapter", stacklevel=3)
 
 
-def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
-    """Return the hook handles that decide, per prompt, whether `state` lets the shift hooks act.
+class _RunAgainShifted(Exception):
+    """Raised at the gate's deepest layer when it flags a row and a shifted layer has already run unshifted."""
 
-    Each multi-token call is first run unshifted up to the deepest probe layer; the probe reads the
-    prompt's last template tokens and sets `state.rows`, which the one-token calls that follow reuse.
+
+class _Reading:
+    """One prompt pass the gate decides inside: the batch's mask and the o_proj inputs read so far."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.captured: dict[int, torch.Tensor] = {}
+
+
+def _cache_marks(cache: Any) -> dict[int, int] | None:
+    """Return each cache layer's length, to rewind a pass cut short; None for a cache this cannot rewind."""
+    if cache is None:
+        return {}  # the decoder makes its own cache for this call: nothing of a cut pass survives it
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or any(type(layer) is not DynamicLayer for layer in layers):
+        return None  # sliding-window, quantised or static layers: the two-pass path is exact for them
+    return {i: layer.get_seq_length() for i, layer in enumerate(layers)}
+
+
+def _rewind(cache: Any, marks: dict[int, int]) -> None:
+    """Cut every cache layer back to its length in `marks` (0 for a layer the cut pass created)."""
+    if cache is None:
+        return
+    for i, layer in enumerate(cache.layers):
+        keep = marks.get(i, 0)
+        if layer.is_initialized and layer.keys.shape[-2] > keep:
+            layer.keys = layer.keys[..., :keep, :]
+            layer.values = layer.values[..., :keep, :]
+
+
+class _ForwardWrap:
+    """The decoder's forward, wrapped for the gate; `remove()` puts back what was there (an instance-level
+    forward another library set, such as accelerate's, or the class's own)."""
+
+    def __init__(self, module: nn.Module, wrap: Any) -> None:
+        self.module = module
+        self.previous = module.__dict__.get("forward")
+        self.wrapped = wrap(module.forward)
+        setattr(module, "forward", self.wrapped)
+
+    def registered(self) -> bool:
+        return self.module.__dict__.get("forward") is self.wrapped
+
+    def remove(self) -> None:
+        if not self.registered():
+            return
+        if self.previous is None:
+            delattr(self.module, "forward")
+        else:
+            setattr(self.module, "forward", self.previous)
+
+
+def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
+    """Return the handles that decide, per prompt, whether `state` lets the shift hooks act.
+
+    Each multi-token call is decided on its prompt's last template tokens, read unshifted; the decision sets
+    `state.rows`, which the one-token calls that follow reuse. A gate that reads the deployed model decides
+    inside the call's own pass (the module docstring says how); one that reads the base under a peft
+    adapter, or a cache that cannot be rewound, takes a decision pass of its own up to the deepest gate layer.
     """
     _warn_if_base_unreachable(lock, model)
-    def decide(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if state.deciding:
-            return
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            raise SafetylockError("conditional locks need input_ids (inputs_embeds are not supported)")
-        if ids.shape[1] == 1:
-            if state.rows is None or state.rows.shape[0] != ids.shape[0]:
-                raise SafetylockError("a one-token call arrived without a prompt to decide on (or with another batch size)")
-            return
-        mask = kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2:
-            mask = torch.ones_like(ids)
-        state.deciding = True  # the shift hooks stand aside while the gate reads the unshifted prompt
-        try:
-            logits = gate_logits_on_ids(lock, model, ids, mask)
-        finally:
-            state.deciding = False
-        state.rows = (logits > 0).to(ids.device)
-        state.last_logits = logits
+    gate = _installed(lock)
+    deepest = max(gate.layers)
+    shift_later = int(lock.layers.min()) > deepest  # every shifted layer runs after the decision
+    one_pass = gate.reads == "model" or not _has_adapter(model)
 
-    # The decoder (not the CausalLM wrapper) is hooked: peft calls the wrapper's forward() directly.
+    def read(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            reading = state.reading
+            if reading is None:
+                return
+            reading.captured[layer] = args[0].detach()
+            if layer != deepest:
+                return
+            state.reading = None
+            logits = _read_gate(gate, reading.captured, reading.mask)
+            state.rows, state.last_logits = (logits > 0).to(args[0].device), logits
+            if bool(state.rows.any()):
+                if not shift_later:
+                    raise _RunAgainShifted
+                state.deciding = False  # the shift hooks of the deeper layers act in this very pass
+
+        return hook
+
+    def wrap(forward: Any) -> Any:
+        def decided(*args: Any, **kwargs: Any) -> Any:
+            if state.deciding:
+                return forward(*args, **kwargs)
+            ids, mask = _ids_and_mask(args, kwargs)
+            if ids.shape[1] == 1:
+                if state.rows is None or state.rows.shape[0] != ids.shape[0]:
+                    raise SafetylockError("a one-token call arrived without a prompt to decide on (or with another batch size)")
+                return forward(*args, **kwargs)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            marks = _cache_marks(cache) if one_pass else None
+            state.deciding = True  # the shift hooks stand aside while the gate reads the unshifted prompt
+            try:
+                if marks is None:
+                    logits = gate_logits_on_ids(lock, model, ids, mask)
+                    state.rows, state.last_logits = (logits > 0).to(ids.device), logits
+                else:
+                    state.reading = _Reading(mask)
+                    try:
+                        return forward(*args, **kwargs)
+                    except _RunAgainShifted:
+                        _rewind(cache, marks)
+            finally:
+                state.deciding, state.reading = False, None
+            return forward(*args, **kwargs)
+
+        return decided
+
     state.conditional = True
-    return [decoder_model(model).register_forward_pre_hook(decide, with_kwargs=True)]
+    reads = [o_proj(model, layer).register_forward_pre_hook(read(layer)) for layer in sorted(set(gate.layers))]
+    # The decoder (not the CausalLM wrapper) is wrapped: peft calls the wrapper's forward() directly.
+    return [*reads, _ForwardWrap(decoder_model(model), wrap)]
 
 
 def condition_logits(lock: Lock, model: Any, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Return the harmfulness probe's logit per prompt (> 0: the conditional lock would apply)."""
-    if not lock.has_condition:
-        raise SafetylockError("this lock has no harmfulness probe; fit one with fit_condition")
-    assert lock.cond_layers is not None and lock.cond_heads is not None and lock.cond_weight is not None
-    assert lock.cond_mean is not None and lock.cond_scale is not None and lock.cond_bias is not None
+    gate = _installed(lock)
     with gate_reading(lock, model):
         acts = head_activations(model, tokenizer, [(p, None) for p in prompts], "template",
-                                layers=sorted(set(lock.cond_layers.tolist())))
-    feats = _condition_features(acts, len(prompts), lock.cond_layers.tolist(), lock.cond_heads.tolist())
-    logits = ((feats - lock.cond_mean.double()) / lock.cond_scale.double()) @ lock.cond_weight.double()
-    return logits + float(lock.cond_bias.reshape(-1)[0])
+                                layers=sorted(set(gate.layers)))
+    return gate.logits(_condition_features(acts, len(prompts), gate.layers, gate.heads))

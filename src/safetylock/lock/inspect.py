@@ -72,9 +72,8 @@ def describe(lock: Lock) -> str:
         f"probe val accuracy of chosen heads: {float(lock.scores.min()):.3f} .. {float(lock.scores.max()):.3f}",
         "heads per layer: " + ", ".join(f"{k}:{v}" for k, v in sorted(per_layer.items())),
     ]
-    if lock.has_condition:
-        cond = lock.metadata.get("condition", {})
-        design = cond.get("design", "builtin")
-        lines.append(f"gate: {design}, {cond.get('heads')} heads, reads the {cond.get('reads', 'model')}"
-                     + (f", val accuracy {cond['val_accuracy']}" if "val_accuracy" in cond else ""))
+    if lock.gate is not None:
+        gate = lock.gate
+        lines.append(f"gate: {gate.design}, {len(gate.layers)} heads, reads the {gate.reads}"
+                     + (f", val accuracy {gate.about['val_accuracy']}" if "val_accuracy" in gate.about else ""))
     return "\n".join(lines)
