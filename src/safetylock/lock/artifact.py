@@ -274,9 +274,9 @@ class Lock:
         positions="all" shifts every token. positions="generation" shifts only positions whose output
         predicts a generated token: the last position of a multi-token (prefill) call, and every position
         of a one-token (cached decoding) call. The prefill rule assumes left padding, as `generate` uses.
-        conditional=True first runs each prompt (a multi-token call) through the model unshifted, reads the
-        lock's harmfulness probe at the prompt's last template tokens, and shifts only the flagged rows,
-        for that call and the one-token calls that follow it.
+        conditional=True reads the lock's gate at each prompt's (multi-token call's) last template tokens, unshifted,
+        and shifts only the flagged rows, for that call and the one-token calls that follow it. The gate decides
+        inside the prompt's own pass (`gate.condition_hooks`): a prompt nothing flags costs one pass.
         Hooks are removed on exit, so the model afterwards computes exactly what it did before.
         """
         from .apply import applied
