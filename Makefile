@@ -23,8 +23,9 @@ demo: $(STAMP)
 	$(BIN)/safetylock demo
 
 # mypy --strict on the lock package and the newer modules; the rest of the package is typed but not yet strict.
-TYPED := src/safetylock/lock src/safetylock/gates.py src/safetylock/ood.py src/safetylock/prompt_attacks.py \
-	src/safetylock/screen.py src/safetylock/repair.py src/safetylock/guard.py src/safetylock/deployment.py src/safetylock/arch.py
+TYPED := src/safetylock/lock src/safetylock/gates.py src/safetylock/ood.py src/safetylock/ood_report.py \
+	src/safetylock/prompt_attacks.py src/safetylock/screen.py src/safetylock/repair src/safetylock/guard.py \
+	src/safetylock/deployment.py src/safetylock/arch.py
 
 test: $(STAMP)
 	$(BIN)/python -m mypy --strict $(TYPED)

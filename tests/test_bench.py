@@ -121,12 +121,12 @@ def test_cells_run_with_the_attacks_system_prompt_then_the_defenses():
 
 def test_an_attacked_models_key_follows_its_training_data(tmp_path, monkeypatch):
     import safetylock.attack as attack_module
-    from safetylock.bench import _attack_key, _Context
+    from safetylock.bench.cache import RunContext, attack_key
 
-    ctx = _Context(BenchSettings(), tmp_path, False)
-    before = _attack_key(ctx, "m", AttackSpec("harmful-10"))
-    assert before == _attack_key(ctx, "m", AttackSpec("harmful-10"))
-    assert before != _attack_key(ctx, "m", AttackSpec("harmful-10", 3))
+    ctx = RunContext(BenchSettings(), tmp_path, False)
+    before = attack_key(ctx, "m", AttackSpec("harmful-10"))
+    assert before == attack_key(ctx, "m", AttackSpec("harmful-10"))
+    assert before != attack_key(ctx, "m", AttackSpec("harmful-10", 3))
     real, built = attack_module.attack_data, []
 
     def changed(name, seed=0):
@@ -135,10 +135,10 @@ def test_an_attacked_models_key_follows_its_training_data(tmp_path, monkeypatch)
 
     monkeypatch.setattr(attack_module, "attack_data", changed)
     # Within a run the data is built once per attack; the next run sees changed data.
-    assert _attack_key(ctx, "m", AttackSpec("harmful-10")) == before and not built
-    fresh = _Context(BenchSettings(), tmp_path, False)
-    assert _attack_key(fresh, "m", AttackSpec("harmful-10")) != before
-    assert _attack_key(fresh, "m", AttackSpec("harmful-10", 5)) != before and built == ["harmful-10"]
+    assert attack_key(ctx, "m", AttackSpec("harmful-10")) == before and not built
+    fresh = RunContext(BenchSettings(), tmp_path, False)
+    assert attack_key(fresh, "m", AttackSpec("harmful-10")) != before
+    assert attack_key(fresh, "m", AttackSpec("harmful-10", 5)) != before and built == ["harmful-10"]
 
 
 def test_bad_grids_are_refused_before_loading(tmp_path):

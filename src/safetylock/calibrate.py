@@ -174,3 +174,14 @@ def calibrate(
     settings = {"n": n, "judge": judge, "conditional": conditional, "max_new_tokens": max_new_tokens,
                 "harmful_prompts": "advbench extract", "benign_prompts": "overrefusal extract"}
     return Calibration(points, ref_h, ref_b, goal, budget, chosen, settings)
+
+
+def calibrated_lock(lock: Any, result: Calibration, *, model: str, adapter: str | None, reference: str | None,
+                    mode: str) -> Any:
+    """Return `lock` with the chosen alpha as its default and the calibration (sweep, models, mode) in its metadata."""
+    if result.chosen is None:
+        raise SafetylockError("the calibration chose no alpha, so there is none to store in the lock")
+    calibrated = lock.with_alpha(result.chosen)
+    calibrated.metadata["calibration"] = {**result.to_dict(), "model": model, "adapter": adapter,
+                                          "reference": reference, "lock_mode": mode}
+    return calibrated

@@ -160,7 +160,7 @@ class Engine:
         """Return why a LoRA adapter cannot run on the locked base, or None when it can."""
         from safetensors import safe_open
 
-        from ..models import _adapter_mismatch
+        from ..models import adapter_mismatch
 
         config_file = adapter_dir / "adapter_config.json"
         if not config_file.is_file():
@@ -187,7 +187,7 @@ class Engine:
             if self.digest and recorded.get("digest") and recorded["digest"] != self.digest:
                 return (f"it was trained on a base with other weights (digest {recorded['digest']} vs "
                         f"{self.digest}); serve it on the base (and dtype) it was trained on")
-        why = _adapter_mismatch(self.base, adapter_dir)
+        why = adapter_mismatch(self.base, adapter_dir)
         if why:
             return why
         weights = adapter_dir / "adapter_model.safetensors"

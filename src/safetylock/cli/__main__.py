@@ -1,0 +1,5 @@
+"""`python -m safetylock.cli`: the same as the `safetylock` console script."""
+
+from . import main
+
+main()
