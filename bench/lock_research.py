@@ -48,7 +48,7 @@ for cfg in CONFIGS:
         r = generate(m, t, hp + bp, max_new_tokens=TOK, batch_size=16)
     else:
         k, a, mode, cond = cfg
-        with sub(k).applied(m, alpha=a, positions=mode, conditional=cond):
+        with sub(k).applied(m, alpha=a, shift_at=mode, conditional=cond):
             r = generate(m, t, hp + bp, max_new_tokens=TOK, batch_size=16)
     texts = [g.text for g in r.generations]
     v = [j.refused for j in judge.judge_many(hp + bp, texts)]

@@ -256,7 +256,7 @@ def test_generation_positions_shift_only_generated_tokens():
         model(input_ids=IDS[:, :1], past_key_values=base.past_key_values)
         base_prefill, base_step = seen[0], seen[1]
         seen.clear()
-        with lock.applied(model, positions="generation"):
+        with lock.applied(model, shift_at="generation"):
             out = model(input_ids=IDS, use_cache=True)
             model(input_ids=IDS[:, :1], past_key_values=out.past_key_values)
     handle.remove()

@@ -271,9 +271,3 @@ def o_proj_path(model: Any, layer: int) -> str:
         if module is target:
             return str(name)
     raise SafetylockError(f"o_proj of layer {layer} is not reachable from the model")
-
-
-def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
-    """Return the device and dtype of the first layer's o_proj weight."""
-    weight = o_proj(model, 0).weight
-    return weight.device, weight.dtype

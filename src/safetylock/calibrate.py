@@ -16,7 +16,7 @@ from typing import Any
 from .errors import SafetylockError
 from .judges import DEFAULT_JUDGE
 
-DEFAULT_ALPHAS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+CALIBRATION_ALPHAS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 @dataclass
@@ -119,7 +119,7 @@ def calibrate(
     tokenizer: Any,
     lock: Any,
     *,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    alphas: Sequence[float] = CALIBRATION_ALPHAS,
     target: float | None = None,
     budget: float = 0.05,
     reference: tuple[Any, Any] | None = None,

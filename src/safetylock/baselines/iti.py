@@ -30,7 +30,7 @@ class ITIDefense(Defense):
 
     @contextlib.contextmanager
     def applied(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
-        with self.lock.applied(model, alpha=alpha, positions="generation", force=self.force):
+        with self.lock.applied(model, alpha=alpha, shift_at="generation", force=self.force):
             yield model
 
     def describe(self) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def fit_iti(
 
     This is Li et al.'s recipe (per-head logistic probes on the last token of prompt + answer, the K most
     accurate heads, mass-mean shift scaled by the std of activations along it), with (safe, unsafe)
-    replies in place of (true, false) answers. Applied with `positions="generation"`, as ITI shifts
+    replies in place of (true, false) answers. Applied with `shift_at="generation"`, as ITI shifts
     only the positions that produce new tokens.
     """
     lock = extract(model, tokenizer, pairs, heads=heads, positions=ITI_POSITIONS, seed=seed, val_fraction=val_fraction,

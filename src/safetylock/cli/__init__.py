@@ -2,7 +2,7 @@
 
 Commands live by stage: `model_commands` (models, chat, demo, finetune), `serve_commands` (serve, serve-bench),
 `eval_commands` (eval, judge, report), `bench_commands` (bench, ood, bench-generate) and `lock_commands`
-(extract, inspect, apply, check, calibrate); `options` holds the options they share. They are registered
+(extract, inspect, gate, apply, check, calibrate); `options` holds the options they share. They are registered
 below in the order `safetylock --help` lists them.
 """
 
@@ -15,14 +15,14 @@ import typer
 from ..errors import SafetylockError
 from .bench_commands import bench_command, bench_generate_command, ood_command
 from .eval_commands import eval_command, judge_command, report_command
-from .lock_commands import (apply_command, calibrate_command, check_command, default_pairs, extract_command,
-                            inspect_command)
+from .lock_commands import (apply_command, calibrate_command, check_command, extract_command,
+                            gate_command, inspect_command)
 from .model_commands import chat, demo, finetune_command, models
 from .options import deployment_for, lock_mode
 from .output import console, err
 from .serve_commands import serve_bench_command, serve_command
 
-__all__ = ["app", "console", "default_pairs", "deployment_for", "err", "lock_mode", "main"]
+__all__ = ["app", "console", "deployment_for", "err", "lock_mode", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Re-align fine-tuned LLMs with SafetyLock, and measure it.")
 
@@ -40,6 +40,7 @@ app.command("bench-generate")(bench_generate_command)
 app.command("finetune")(finetune_command)
 app.command("extract")(extract_command)
 app.command("inspect")(inspect_command)
+app.command("gate")(gate_command)
 app.command("apply")(apply_command)
 app.command("check")(check_command)
 app.command("calibrate")(calibrate_command)

@@ -9,34 +9,9 @@ import typer
 
 from ..errors import SafetylockError, check_alpha
 from ..files import check_output_dir, check_writable_dir, check_writable_file
+from ..data import contrast_pairs, read_pairs
 from .options import AdapterOpt, AlphaOpt, DtypeOpt, ModelOpt, TokensOpt, flag_mode, valid_alpha
 from .output import console, err
-
-
-def read_pairs(path: Path) -> list[tuple[str, str, str]]:
-    """Return (prompt, safe, unsafe) triples from a JSONL file with those three fields."""
-    from ..data import jsonl_objects
-
-    if not path.is_file():
-        raise SafetylockError(f"pairs file {path} does not exist")
-    pairs = []
-    for n, row in jsonl_objects(path, path.read_text(encoding="utf-8")):
-        try:
-            pairs.append((str(row["prompt"]), str(row["safe"]), str(row["unsafe"])))
-        except KeyError:
-            raise SafetylockError(f"{path}:{n} is not a JSON object with prompt, safe and unsafe fields") from None
-    if not pairs:
-        raise SafetylockError(f"{path} holds no pairs")
-    return pairs
-
-
-def default_pairs(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """Return the project's built-in contrast pairs (from `safetylock.data.contrast_pairs`)."""
-    try:
-        from ..data import contrast_pairs
-    except ImportError:
-        raise SafetylockError("no built-in contrast pairs in this install; pass --pairs FILE.jsonl") from None
-    return list(contrast_pairs(n, seed=seed))
 
 
 def extract_command(
@@ -73,7 +48,7 @@ def extract_command(
     if gate_reads not in GATE_READS:
         raise SafetylockError(f"bad --gate-reads '{gate_reads}'; use {' or '.join(GATE_READS)}")
     check_writable_file(out)
-    triples = read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
+    triples = read_pairs(pairs) if pairs is not None else list(contrast_pairs(n_pairs, seed=seed))
     m, tok = load_model(model, dtype=dtype)
     start = time.perf_counter()
     lk = extract(m, tok, triples, heads=heads or 100_000, positions=positions, seed=seed, alpha=alpha, batch_size=batch_size,
@@ -106,6 +81,42 @@ def inspect_command(
     console.print(heatmap_text(lk), markup=False, highlight=False)
     if plot is not None:
         err.print(f"wrote {plot_heatmap(lk, plot)}")
+
+
+def gate_command(
+    lock: Annotated[Path, typer.Argument(help="Lock file (.safetensors).")],
+    save: Annotated[Optional[Path], typer.Option("--save", help="Write the lock's gate to a file of its own.")] = None,
+    install: Annotated[Optional[Path], typer.Option("--install", help="A gate file (or a lock with a gate) to put "
+                                                    "in place of the lock's gate; needs --out.")] = None,
+    drop: Annotated[bool, typer.Option("--drop", help="Remove the lock's gate (it then applies only unconditionally, "
+                                       "or baked); needs --out.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Lock file to write with the new gate.")] = None,
+) -> None:
+    """Show, save, swap or drop a lock's harmfulness gate; the lock's directions are never touched."""
+    from ..lock import Lock, with_gate_file
+
+    if install is not None and drop:
+        raise SafetylockError("--install and --drop exclude each other; pick one")
+    if (install is not None or drop) != (out is not None):
+        raise SafetylockError("--install and --drop write a new lock: pass --out FILE with them (and only with them)")
+    for path in (save, out):
+        if path is not None:
+            check_writable_file(path)
+    lk = Lock.load(lock)
+    new = None
+    if install is not None or drop:
+        new = with_gate_file(lk, install) if install is not None else lk.with_gate(None)
+    if save is not None:
+        if lk.gate is None:
+            raise SafetylockError(f"{lock} has no gate to save; extract it with --gate DESIGN")
+        err.print(f"wrote {lk.gate.save(save, lk.fingerprint)}")
+    if new is not None and out is not None:
+        err.print(f"wrote {new.save(out)}")
+    shown = new if new is not None else lk
+    gate = shown.gate
+    console.print("no gate" if gate is None else
+                  f"gate: {gate.design}, {len(gate.layers)} heads on layers {sorted(set(gate.layers))}, reads the "
+                  f"{gate.reads}, {gate.template_tokens} template tokens", markup=False, highlight=False)
 
 
 def apply_command(
@@ -149,7 +160,7 @@ def check_command(
     from ..models import load_model
 
     lk = Lock.load(lock)
-    triples = read_pairs(pairs) if pairs is not None else default_pairs(n_pairs, seed)
+    triples = read_pairs(pairs) if pairs is not None else list(contrast_pairs(n_pairs, seed=seed))
     m, tok = load_model(model, adapter=adapter, dtype=dtype)
     # A transfer check measures; it refuses nothing it can measure, so a model far from the lock's base is read too.
     report = check_transfer(lk, m, tok, triples, force=True, progress=True)

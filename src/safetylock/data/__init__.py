@@ -6,7 +6,8 @@ Where each part lives:
 - `benchmarks`: `Prompt`, the named sets (`BENCHMARKS`), the split rule and the eval-split guards.
 - `tables`: a user's text, CSV and JSONL files read with one-line errors.
 - `prompt_files`: a user's prompt file (.txt, .jsonl, .csv) read into `Prompt`s.
-- `contrast`: harmful/harmless prompt mixes and the content-free refusals and compliances paired with them.
+- `contrast`: harmful/harmless prompt mixes, the content-free refusals and compliances paired with them, and
+  a user's own pairs file (`read_pairs`).
 
 Every name is importable from `safetylock.data` itself.
 """
@@ -36,6 +37,7 @@ from .contrast import (
     REFUSALS,
     compliance_response,
     contrast_pairs,
+    read_pairs,
     first_sentence,
     gate_prompts,
     harmful_prompts,
@@ -92,6 +94,7 @@ __all__ = [
     "benchmark_kind",
     "compliance_response",
     "contrast_pairs",
+    "read_pairs",
     "csv_rows",
     "data_dir",
     "eval_overlap",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import SafetylockError
 from .benchmarks import HARMFUL, Prompt, load_benchmark
@@ -192,3 +193,20 @@ def gate_prompts(n: int = 64, seed: int = 0) -> tuple[list[str], list[str]]:
     rng = random.Random(f"gate-{seed}")
     rng.shuffle(tasks)
     return harmful, questions + tasks[: n - len(questions)]
+
+
+def read_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """Return (prompt, safe, unsafe) triples from a JSONL file with those three fields."""
+    from .tables import jsonl_objects
+
+    if not path.is_file():
+        raise SafetylockError(f"pairs file {path} does not exist")
+    pairs = []
+    for n, row in jsonl_objects(path, path.read_text(encoding="utf-8")):
+        try:
+            pairs.append((str(row["prompt"]), str(row["safe"]), str(row["unsafe"])))
+        except KeyError:
+            raise SafetylockError(f"{path}:{n} is not a JSON object with prompt, safe and unsafe fields") from None
+    if not pairs:
+        raise SafetylockError(f"{path} holds no pairs")
+    return pairs

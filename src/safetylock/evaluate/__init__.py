@@ -7,7 +7,7 @@ torch and the generation stack are imported inside functions so the CLI can reje
 well under a second, before any heavy import.
 
 One file per concern, in pipeline order:
-    scoring     scoring one reply (last number, option letter), next-token KL, utility accuracy without files
+    scoring     scoring one reply (last number, option letter), next-token KL
     harness     `evaluate` into OUTDIR (resumable, pinned config.json) and `summarise`
     run         `run_eval`, what `safetylock eval` runs: prompts, judge, deployment, KL to a reference
     reports     `report` / `write_report`: finished runs side by side
@@ -17,7 +17,7 @@ One file per concern, in pipeline order:
 from __future__ import annotations
 
 from .scoring import (BBQ_SUFFIX, GSM8K_SUFFIX, choice_logprobs, choice_record, extract_number, kl_divergence,
-                      math_record, numbers_equal, utility)
+                      math_record, numbers_equal)
 from .harness import (CONFIG, DEFAULT_TOKENS, FORMAT_VERSION, RESULTS, SUMMARY, TIMING_KEYS, evaluate,
                       extract_overlap, summarise)
 from .run import run_eval
@@ -47,7 +47,6 @@ __all__ = [
     "report",
     "run_eval",
     "summarise",
-    "utility",
     "write_generation_bench",
     "write_report",
 ]

@@ -1,4 +1,4 @@
-"""Score replies: the last number of a worked answer, option-letter log-probabilities, next-token KL, utility accuracy."""
+"""Score replies: the last number of a worked answer, option-letter log-probabilities, next-token KL."""
 
 from __future__ import annotations
 
@@ -91,23 +91,3 @@ def choice_record(p: Prompt, logprobs: list[float]) -> dict[str, Any]:
     letter = chr(65 + best)
     return {"id": p.id, "prompt": p.text, "choices": list(p.choices or ()), "answer": p.answer, "predicted": letter,
             "logprobs": [round(x, 4) for x in logprobs], "correct": letter == p.answer, "tokens": 0}
-
-
-def utility(model: Any, tokenizer: Any, name: str, limit: int | None = None, split: str | None = "eval",
-            batch_size: int = 8, max_new_tokens: int = 256) -> dict[str, Any]:
-    """Return accuracy on a utility benchmark (gsm8k100 or bbq300) without writing files."""
-    from ..data import benchmark_kind, load_benchmark
-
-    from ..generate import generate
-
-    kind = benchmark_kind(name)
-    if kind not in ("math", "choice"):
-        raise SafetylockError(f"'{name}' is not a utility benchmark; use gsm8k100 or bbq300")
-    prompts = load_benchmark(name, split)[:limit]
-    if kind == "choice":
-        records = [choice_record(p, lp) for p, lp in zip(prompts, choice_logprobs(model, tokenizer, prompts, batch_size))]
-    else:
-        run = generate(model, tokenizer, [p.text + GSM8K_SUFFIX for p in prompts], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size)
-        records = [math_record(p, g.text, g.tokens) for p, g in zip(prompts, run.generations)]
-    return {"benchmark": name, "n": len(records), "accuracy": sum(r["correct"] for r in records) / len(records)}

@@ -37,8 +37,8 @@ from .method import HeadFit, fit_heads, rank_heads, split_pairs
 from .extraction import extract
 from .apply import BakedBias, BakeRecord, HookRecord, unbake
 from .gate_artifact import GATE_READS, Gate
-from .gate import fit_condition, gate_reading, gate_reads
-from .transfer import TransferReport, check_transfer, projection_accuracy
+from .gate import fit_condition, gate_reading, gate_reads, with_gate_file
+from .transfer import TransferReport, check_transfer, direction_accuracy
 from .export import EXPORT_KIND, EXPORT_LAYOUT, export_locked
 from .inspect import describe, heatmap_text, plot_heatmap
 
@@ -76,6 +76,7 @@ __all__ = [
     "TransferReport",
     "check_transfer",
     "describe",
+    "direction_accuracy",
     "encode_item",
     "export_locked",
     "extract",
@@ -87,10 +88,10 @@ __all__ = [
     "heatmap_text",
     "parse_positions",
     "plot_heatmap",
-    "projection_accuracy",
     "rank_heads",
     "select_positions",
     "split_pairs",
     "template_token_count",
     "unbake",
+    "with_gate_file",
 ]

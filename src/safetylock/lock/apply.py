@@ -33,9 +33,15 @@ class _HookState:
         self.rows: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
         self.reading: Any = None  # the gate's reading of the prompt pass now running (`gate._Reading`)
+        self.any_flagged = False
+
+    def decide(self, logits: torch.Tensor, device: torch.device) -> None:
+        """Record the gate's logits (CPU) for a batch: the rows it flags are the ones the shift hooks shift."""
+        flagged = logits > 0
+        self.rows, self.last_logits, self.any_flagged = flagged.to(device), logits, bool(flagged.any())
 
 
-def _shift_hook(delta: torch.Tensor, positions: str, state: _HookState) -> Any:
+def _shift_hook(delta: torch.Tensor, shift_at: str, state: _HookState) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if state.deciding:
             return None
@@ -44,8 +50,10 @@ def _shift_hook(delta: torch.Tensor, positions: str, state: _HookState) -> Any:
         if state.conditional:
             if state.rows is None or state.rows.shape[0] != x.shape[0]:
                 raise SafetylockError("conditional lock: no decision for this batch (call the model on the prompt first)")
+            if not state.any_flagged:
+                return None  # a zero shift: the same as none, without the work
             d = d * state.rows.to(device=x.device, dtype=x.dtype)[:, None, None]
-        if positions == "generation" and x.shape[1] > 1:
+        if shift_at == "generation" and x.shape[1] > 1:
             x = x.clone()
             x[:, -1:, :] += d
         else:
@@ -90,13 +98,13 @@ def install(
     lock: Lock,
     model: Any,
     alpha: float | None = None,
-    positions: str = "all",
+    shift_at: str = "all",
     conditional: bool = False,
     force: bool = False,
 ) -> HookRecord:
     """Hook the lock's shift into `model` until the returned record's `remove()` (see `Lock.applied`)."""
-    if positions not in ("all", "generation"):
-        raise SafetylockError(f"positions must be 'all' or 'generation', got '{positions}'")
+    if shift_at not in ("all", "generation"):
+        raise SafetylockError(f"shift_at must be 'all' or 'generation', got '{shift_at}'")
     if conditional and not lock.has_condition:
         raise SafetylockError("this lock has no harmfulness gate; fit one with fit_condition (extract --gate)")
     lock.validate(model, force=force)
@@ -108,7 +116,7 @@ def install(
         for layer, delta in deltas.items():
             linear = o_proj(model, layer)
             shift = delta.to(device=linear.weight.device, dtype=linear.weight.dtype)
-            record.handles.append(linear.register_forward_pre_hook(_shift_hook(shift, positions, state)))
+            record.handles.append(linear.register_forward_pre_hook(_shift_hook(shift, shift_at, state)))
         if conditional:
             record.handles += condition_hooks(lock, model, state)
     except BaseException:
@@ -123,12 +131,12 @@ def applied(
     lock: Lock,
     model: Any,
     alpha: float | None = None,
-    positions: str = "all",
+    shift_at: str = "all",
     conditional: bool = False,
     force: bool = False,
 ) -> Iterator[Any]:
     """Shift the lock's heads inside the block; yield the model (see `Lock.applied`)."""
-    record = install(lock, model, alpha, positions, conditional, force)
+    record = install(lock, model, alpha, shift_at, conditional, force)
     try:
         yield model
     finally:

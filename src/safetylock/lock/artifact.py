@@ -265,13 +265,13 @@ class Lock:
         self,
         model: Any,
         alpha: float | None = None,
-        positions: str = "all",
+        shift_at: str = "all",
         conditional: bool = False,
         force: bool = False,
     ) -> contextlib.AbstractContextManager[Any]:
         """Shift the lock's heads inside the block through o_proj forward pre-hooks; yield the model.
 
-        positions="all" shifts every token. positions="generation" shifts only positions whose output
+        shift_at="all" shifts every token. shift_at="generation" shifts only positions whose output
         predicts a generated token: the last position of a multi-token (prefill) call, and every position
         of a one-token (cached decoding) call. The prefill rule assumes left padding, as `generate` uses.
         conditional=True reads the lock's gate at each prompt's (multi-token call's) last template tokens, unshifted,
@@ -281,9 +281,7 @@ class Lock:
         """
         from .apply import applied
 
-        return applied(self, model, alpha, positions, conditional, force)
-
-    apply = applied
+        return applied(self, model, alpha, shift_at, conditional, force)
 
     def condition_logits(self, model: Any, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
         """Return the harmfulness probe's logit per prompt (> 0: the conditional lock would apply)."""

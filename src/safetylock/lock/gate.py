@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -98,6 +99,24 @@ def fit_condition(
                 {"val_accuracy": round(val_acc, 4), "harmful": len(harmful), "harmless": len(harmless),
                  "prompts_sha256": _hash_rows([[*harmful], [*harmless]]), "seed": seed},
                 template_tokens=template_token_count(tokenizer))
+    return lock.with_gate(gate)
+
+
+def with_gate_file(lock: Lock, path: str | Path) -> Lock:
+    """Return a copy of `lock` with the gate saved at `path` (a gate file, or a lock that has one), refused in one
+    line unless it was fitted on the lock's own base (same model name and shape); the directions are untouched."""
+    from .artifact import SHAPE_KEYS
+
+    gate, fitted_on = Gate.load(path)
+    mine = lock.fingerprint
+    differ = [f"{k} {fitted_on.get(k)} (gate) vs {mine.get(k)} (lock)" for k in ("name", *SHAPE_KEYS)
+              if k in fitted_on and k in mine and fitted_on[k] != mine[k]]
+    if differ:
+        raise SafetylockError(f"the gate at {path} was fitted on another model: {'; '.join(differ)}; fit a gate on "
+                              "this lock's base (`safetylock extract --gate DESIGN`)")
+    layers, heads = mine.get("num_hidden_layers"), mine.get("num_attention_heads")
+    if (layers is not None and max(gate.layers) >= int(layers)) or (heads is not None and max(gate.heads) >= int(heads)):
+        raise SafetylockError(f"the gate at {path} reads a layer or head this lock's model does not have")
     return lock.with_gate(gate)
 
 
@@ -280,8 +299,8 @@ def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
                 return
             state.reading = None
             logits = _read_gate(gate, reading.captured, reading.mask)
-            state.rows, state.last_logits = (logits > 0).to(args[0].device), logits
-            if bool(state.rows.any()):
+            state.decide(logits, args[0].device)
+            if state.any_flagged:
                 if not shift_later:
                     raise _RunAgainShifted
                 state.deciding = False  # the shift hooks of the deeper layers act in this very pass
@@ -303,7 +322,7 @@ def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
             try:
                 if marks is None:
                     logits = gate_logits_on_ids(lock, model, ids, mask)
-                    state.rows, state.last_logits = (logits > 0).to(ids.device), logits
+                    state.decide(logits, ids.device)
                 else:
                     state.reading = _Reading(mask)
                     try:

@@ -143,7 +143,7 @@ class Gate:
         """Return (gate, fingerprint of the model it reads) from a file `save` wrote, or from a lock file's gate."""
         path = Path(path).expanduser()
         try:
-            tensors, meta = read_tagged_safetensors(path, GATE_FORMAT, "gate file", "save one with `safetylock gate`",
+            tensors, meta = read_tagged_safetensors(path, GATE_FORMAT, "gate file", "save one with `safetylock gate LOCK --save FILE`",
                                                     GATE_FORMAT_VERSION)
         except SafetylockError:
             from .artifact import Lock
@@ -152,7 +152,7 @@ class Gate:
                 lock = Lock.load(path)
             except SafetylockError:
                 raise SafetylockError(f"{path} is neither a gate file nor a lock file; save a gate with "
-                                      "`safetylock gate` or pass a lock that has one") from None
+                                      "`safetylock gate LOCK --save FILE` or pass a lock that has one") from None
             if lock.gate is None:
                 raise SafetylockError(f"{path} is a lock without a gate; extract it with --gate") from None
             return lock.gate, lock.fingerprint

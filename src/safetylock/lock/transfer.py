@@ -41,7 +41,7 @@ class TransferReport:
                 f"{self.mean_base:.3f} on the base" + (" (WEAK: the directions do not transfer)" if self.weak else ""))
 
 
-def projection_accuracy(lock: Lock, acts: Activations, labels: np.ndarray) -> list[float]:
+def direction_accuracy(lock: Lock, acts: Activations, labels: np.ndarray) -> list[float]:
     """Return per lock head the accuracy of `projection > midpoint` against labels (1 = safe)."""
     if lock.midpoints is None:
         raise SafetylockError("this lock has no projection midpoints; extract it again with this version")
@@ -78,7 +78,7 @@ def check_transfer(
 
     def measure(m: Any) -> list[float]:
         acts = head_activations(m, tokenizer, items, positions, layers=layers, batch_size=batch_size, progress=progress)
-        return projection_accuracy(lock, acts, (acts.owner.numpy() < len(pairs)).astype(int))
+        return direction_accuracy(lock, acts, (acts.owner.numpy() < len(pairs)).astype(int))
 
     target = measure(model)
     if base is not None:
