@@ -468,10 +468,15 @@ def test_engine_refuses_an_alpha_that_is_not_a_finite_positive_number(world, tok
         Engine(tiny_model("llama"), tokenizer, Lock.load(world.lock), alpha=alpha)
 
 
-def test_engine_refuses_a_misfit_adapter_at_start_up(world):
+def test_engine_refuses_a_misfit_adapter_at_start_up(world, tmp_path):
+    from tiny import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size = 32, 64
+    wrong_shape = save_adapter(AutoModelForCausalLM.from_config(config), tmp_path / "wrong-shape")
     with pytest.raises(SafetylockError, match="does not fit"):
-        Engine.from_spec(str(world.base_dir), world.lock, adapters={"x": str(world.root / "wrong-shape")},
-                         dtype="fp32", device="cpu")
+        Engine.from_spec(str(world.base_dir), world.lock, adapters={"x": str(wrong_shape)}, dtype="fp32", device="cpu")
 
 
 # --------------------------------------------------------------------------------------------------- the CLI
