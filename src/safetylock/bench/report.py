@@ -130,15 +130,15 @@ def write_plots(result: dict[str, Any], outdir: Path) -> list[Path]:
         for model in models:
             for name in names:
                 for defense in result["defenses"]:
-                    pts = []
+                    by_steps: list[tuple[Any, Any]] = []
                     for steps in sorted(strengths):
                         mine = [r for r in rows if r["model"] == model and r["attack"] == f"{name}@{steps}"]
                         r = _default_row(mine, defense)
                         if r is not None and _harm(r) is not None:
-                            pts.append((steps, _harm(r)))
-                    if pts:
+                            by_steps.append((steps, _harm(r)))
+                    if by_steps:
                         label = defense + ("" if len(names) == 1 else f" ({name})")
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                        ax.plot([p[0] for p in by_steps], [p[1] for p in by_steps], marker="o", label=label)
         ax.set_xlabel("attack optimizer steps")
         ax.set_ylabel("harmful rate")
         ax.set_ylim(-0.05, 1.05)
