@@ -34,23 +34,29 @@ GateFit = Gate  # the name the out-of-distribution protocol has used for a fitte
 @torch.no_grad()
 def template_features(model: Any, tokenizer: Any, texts: Sequence[str], *, n_template: int, batch_size: int = 8,
                       progress: bool = False) -> torch.Tensor:
-    """Return (n, layers, heads, head_dim): each o_proj input averaged over a chat text's last `n_template` tokens.
+    """Return (n, layers, heads, head_dim): each o_proj input averaged over a chat text's `n_template` template tokens.
 
     `texts` are whole chat-templated inputs (what the model sees, attacks included); they are left-padded as
-    in generation, and the last real tokens are read, as the runtime gate reads them.
+    in generation. The template tokens are found as the runtime gate finds them (`template_positions`): the last
+    occurrence of the template's ids, so a prefilled reply after them changes nothing.
     """
     from .arch import decoder_layers, head_geometry, o_proj, unwrap
     from .generate import model_device
     from .lock.capture import StopForward, run_until_stopped
+    from .lock.positions import template_positions, template_token_ids
 
     geometry = head_geometry(unwrap(model).config)
+    template_ids = template_token_ids(tokenizer)
+    if len(template_ids) != n_template:
+        template_ids = []  # the caller's count is not this template's: read the last tokens, as before
+    rows = where = torch.zeros(0, dtype=torch.long)  # set per batch, read by the hooks
     n_layers = len(decoder_layers(model))
     out = torch.zeros(len(texts), n_layers, geometry.num_heads, geometry.head_dim)
     captured: dict[int, torch.Tensor] = {}
 
     def hook(layer: int) -> Any:
         def capture(module: Any, args: tuple[Any, ...]) -> None:
-            captured[layer] = args[0][:, -n_template:, :].float().cpu()
+            captured[layer] = args[0][rows, where, :].float().cpu()
             if layer == n_layers - 1:
                 raise StopForward  # nothing after the last o_proj input is read: skip the last MLP and the LM head
 
@@ -69,6 +75,9 @@ def template_features(model: Any, tokenizer: Any, texts: Sequence[str], *, n_tem
             batch = order[start : start + batch_size]
             enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model_device(model)) for k, v in enc.items()}
+            where = torch.stack([template_positions(i, m, n_template, template_ids)
+                                 for i, m in zip(enc["input_ids"], enc["attention_mask"])])
+            rows = torch.arange(len(batch), device=where.device)[:, None]
             run_until_stopped(model, enc["input_ids"], enc["attention_mask"])
             for layer in range(n_layers):
                 x = captured[layer].view(len(batch), n_template, geometry.num_heads, geometry.head_dim)
@@ -208,7 +217,8 @@ def recalibrate(gate: GateFit, benign_features: torch.Tensor, sources: Sequence[
     return replace(gate, bias=gate.bias - cut, about=about)
 
 
-def with_gate(lock: Any, gate: Gate, n_template: int, reads: str = "model") -> Any:
+def with_gate(lock: Any, gate: Gate, n_template: int, reads: str = "model",
+              template_ids: Sequence[int] | None = None) -> Any:
     """Return a copy of `lock` whose conditional gate is `gate` (directions, stds and alpha unchanged).
 
     `reads`: 'model' (the gate reads the deployed model) or 'base' (its peft adapter switched off for the
@@ -216,7 +226,9 @@ def with_gate(lock: Any, gate: Gate, n_template: int, reads: str = "model") -> A
     """
     if reads not in GATE_READS:
         raise SafetylockError(f"bad gate reading '{reads}'; use {' or '.join(GATE_READS)}")
-    return lock.with_gate(replace(gate, about=dict(gate.about), template_tokens=n_template, reads=reads))
+    ids = list(template_ids) if template_ids is not None else None
+    return lock.with_gate(replace(gate, about=dict(gate.about), template_tokens=n_template, reads=reads,
+                                  template_ids=ids))
 
 
 def refusal_labels(model: Any, tokenizer: Any, texts: Sequence[str], *, system: str | None = None,
@@ -272,6 +284,7 @@ def gate_lock(lock: Any, model: Any, tokenizer: Any, design: str = "builtin", *,
     fitted on every out-of-distribution source's extract split (`fit_gate_on_sources`, `limit` per source);
     `reads` says what the gate reads at run time (`with_gate`)."""
     from .lock import fit_condition, template_token_count
+    from .lock.positions import template_token_ids
 
     if design == "builtin":
         from .data import gate_prompts
@@ -281,7 +294,7 @@ def gate_lock(lock: Any, model: Any, tokenizer: Any, design: str = "builtin", *,
         return out if reads == "model" else out.with_gate(replace(installed_gate(out), reads=reads))
     gate = fit_gate_on_sources(model, tokenizer, design, seed=seed, batch_size=batch_size, limit=limit,
                                progress=progress)
-    return with_gate(lock, gate, template_token_count(tokenizer), reads=reads)
+    return with_gate(lock, gate, template_token_count(tokenizer), reads=reads, template_ids=template_token_ids(tokenizer))
 
 
 def installed_gate(lock: Any) -> Gate:

@@ -374,6 +374,7 @@ def _verify(run: _Run, pool: _Pool, feats: dict[str, torch.Tensor], ft: Any, tok
             settings: OODSettings) -> dict[str, Any]:
     """Re-run `verify` prompts per harmful source through the real conditional hooks, with the gate reading the
     fine-tune and (where the design allows) the base with the adapter off; return the agreement per reading."""
+    from .lock.positions import template_token_ids
     from .baselines import LockDefense
     from .data import OOD_HARMFUL
     from .gates import with_gate
@@ -390,7 +391,8 @@ def _verify(run: _Run, pool: _Pool, feats: dict[str, torch.Tensor], ft: Any, tok
             evaluated = [_P(pool.ids[i], pool.texts[i]) for i in pool.where(source=source, split="eval")]
             idx = pool.where(source=source, split="eval")[: settings.verify]
             gate = _fit(design, pool, pool.where(split="extract", not_source=source), feats, settings.seed)
-            lock = with_gate(_fold_lock(run, None, tokenizer, source), gate, _n_template(tokenizer), reads=reads)
+            lock = with_gate(_fold_lock(run, None, tokenizer, source), gate, _n_template(tokenizer), reads=reads,
+                             template_ids=template_token_ids(tokenizer))
             prompts = [_P(pool.ids[i], pool.texts[i]) for i in idx]
             with LockDefense(lock, conditional=True).applied(ft, settings.alpha):
                 real = _replies(run, f"{run.ft}/verify-{design}-{reads}-{_tag(lock)}/{source}", ft, tokenizer, prompts, None)

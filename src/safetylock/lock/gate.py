@@ -25,7 +25,7 @@ from .artifact import Lock, _hash_rows
 from .capture import Activations, StopForward, head_activations, run_until_stopped
 from .gate_artifact import GATE_READS, Gate
 from .method import fit_heads, rank_heads, split_pairs
-from .positions import template_token_count
+from .positions import template_positions, template_token_count, template_token_ids
 
 if TYPE_CHECKING:
     from .apply import _HookState
@@ -98,7 +98,7 @@ def fit_condition(
     gate = Gate(layers, hs, mu, sd, probe.coef_[0], float(probe.intercept_[0]),
                 {"val_accuracy": round(val_acc, 4), "harmful": len(harmful), "harmless": len(harmless),
                  "prompts_sha256": _hash_rows([[*harmful], [*harmless]]), "seed": seed},
-                template_tokens=template_token_count(tokenizer))
+                template_tokens=template_token_count(tokenizer), template_ids=template_token_ids(tokenizer))
     return lock.with_gate(gate)
 
 
@@ -150,12 +150,12 @@ def _installed(lock: Lock) -> Gate:
     return lock.gate
 
 
-def _read_gate(gate: Gate, captured: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Return the gate's logit per row from each read layer's o_proj input (the rows' last template tokens)."""
+def _read_gate(gate: Gate, captured: dict[int, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return the gate's logit per row from each read layer's o_proj input at the rows' template tokens."""
     D = gate.head_dim
     feats = []
     for b in range(mask.shape[0]):
-        real = torch.nonzero(mask[b], as_tuple=False).flatten()[-gate.template_tokens:]
+        real = template_positions(ids[b], mask[b], gate.template_tokens, gate.template_ids)
         parts = [captured[layer][b, real, head * D : (head + 1) * D].double().mean(0).cpu()
                  for layer, head in zip(gate.layers, gate.heads)]
         feats.append(torch.cat(parts))
@@ -198,7 +198,7 @@ def gate_logits_on_ids(lock: Lock, model: Any, ids: torch.Tensor, mask: torch.Te
     finally:
         for handle in handles:
             handle.remove()
-    return _read_gate(gate, captured, mask)
+    return _read_gate(gate, captured, ids, mask)
 
 
 def _warn_if_base_unreachable(lock: Lock, model: Any) -> None:
@@ -223,8 +223,8 @@ class _RunAgainShifted(Exception):
 class _Reading:
     """One prompt pass the gate decides inside: the batch's mask and the o_proj inputs read so far."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
-        self.mask = mask
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self.ids, self.mask = ids, mask
         self.captured: dict[int, torch.Tensor] = {}
 
 
@@ -298,7 +298,7 @@ def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
             if layer != deepest:
                 return
             state.reading = None
-            logits = _read_gate(gate, reading.captured, reading.mask)
+            logits = _read_gate(gate, reading.captured, reading.ids, reading.mask)
             state.decide(logits, args[0].device)
             if state.any_flagged:
                 if not shift_later:
@@ -324,7 +324,7 @@ def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
                     logits = gate_logits_on_ids(lock, model, ids, mask)
                     state.decide(logits, ids.device)
                 else:
-                    state.reading = _Reading(mask)
+                    state.reading = _Reading(ids, mask)
                     try:
                         return forward(*args, **kwargs)
                     except _RunAgainShifted:

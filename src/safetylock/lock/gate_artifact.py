@@ -24,7 +24,7 @@ GATE_FORMAT = "safetylock.gate"
 GATE_FORMAT_VERSION = 1
 GATE_READS = ("model", "base")
 GATE_TENSORS = ("cond_layers", "cond_heads", "cond_mean", "cond_scale", "cond_weight", "cond_bias")
-_STORED_KEYS = ("template_tokens", "heads", "reads")  # written beside `about` in the condition metadata
+_STORED_KEYS = ("template_tokens", "template_ids", "heads", "reads")  # written beside `about` in the condition metadata
 
 
 def read_heads(features: torch.Tensor, layers: Sequence[int], heads: Sequence[int]) -> np.ndarray:
@@ -40,7 +40,8 @@ class Gate:
     """A fitted gate: the (layer, head) outputs it reads, standardised, weighted and thresholded.
 
     Its score for a prompt is `((x - mean) / scale) @ weight + bias`, where x concatenates each read head's output
-    averaged over the prompt's last `template_tokens` tokens; it fires when the score is > 0. `reads` says what
+    averaged over the prompt's post-instruction template tokens (found by `template_ids`, else the last
+    `template_tokens` tokens); it fires when the score is > 0. `reads` says what
     the run-time decision reads: 'model' (the deployed model) or 'base' (its peft adapter switched off).
     `about` records the design and the data it was fitted on.
     """
@@ -54,6 +55,7 @@ class Gate:
     about: dict[str, Any] = field(default_factory=dict)
     template_tokens: int = 1
     reads: str = "model"
+    template_ids: list[int] | None = None  # the template's token ids, to find them before a prefilled reply
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
@@ -77,6 +79,11 @@ class Gate:
         if int(self.template_tokens) < 1:
             raise SafetylockError(f"a gate reads at least one template token, not {self.template_tokens}")
         self.template_tokens = int(self.template_tokens)
+        if self.template_ids is not None:
+            if not isinstance(self.template_ids, (list, tuple)) or len(self.template_ids) != self.template_tokens:
+                raise SafetylockError(f"the gate's template ids ({self.template_ids!r}) are not "
+                                      f"{self.template_tokens} token ids; fit the gate again")
+            self.template_ids = [int(t) for t in self.template_ids]
 
     @property
     def design(self) -> str:
@@ -114,7 +121,8 @@ class Gate:
 
     def condition(self) -> dict[str, Any]:
         """Return the gate's metadata as a lock file stores it (`metadata["condition"]`)."""
-        return {**self.about, "template_tokens": self.template_tokens, "heads": len(self.layers), "reads": self.reads}
+        stored = {**self.about, "template_tokens": self.template_tokens, "heads": len(self.layers), "reads": self.reads}
+        return stored if self.template_ids is None else {**stored, "template_ids": list(self.template_ids)}
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], condition: dict[str, Any], where: str) -> Gate | None:
@@ -130,7 +138,8 @@ class Gate:
         return cls(tensors["cond_layers"].tolist(), tensors["cond_heads"].tolist(),
                    tensors["cond_mean"].double().numpy(), tensors["cond_scale"].double().numpy(),
                    tensors["cond_weight"].double().numpy(), float(tensors["cond_bias"].reshape(-1)[0]), about,
-                   int(condition.get("template_tokens", 1)), str(condition.get("reads", "model")))
+                   int(condition.get("template_tokens", 1)), str(condition.get("reads", "model")),
+                   condition.get("template_ids"))
 
     def save(self, path: str | Path, fingerprint: dict[str, Any]) -> Path:
         """Write the gate as safetensors, with the fingerprint of the model it reads, atomically; return the path."""

@@ -75,13 +75,38 @@ def select_positions(terms: Sequence[PositionTerm], n_head: int, n_template: int
 _MARK = "\u2063safetylock-marker\u2063"
 
 
-def template_token_count(tokenizer: Any) -> int:
-    """Return how many tokens the chat template puts between the end of the user's text and the reply."""
+def template_token_ids(tokenizer: Any) -> list[int]:
+    """Return the tokens the chat template puts between the end of the user's text and the reply."""
     from ..generate import format_chat
 
     text = format_chat(tokenizer, _MARK)
     suffix = text[text.rindex(_MARK) + len(_MARK) :]
-    return max(1, len(tokenizer(suffix, add_special_tokens=False)["input_ids"]))
+    return [int(t) for t in tokenizer(suffix, add_special_tokens=False)["input_ids"]]
+
+
+def template_token_count(tokenizer: Any) -> int:
+    """Return how many tokens the chat template puts between the end of the user's text and the reply."""
+    return max(1, len(template_token_ids(tokenizer)))
+
+
+def template_positions(ids: Any, mask: Any, n: int, template_ids: Sequence[int] | None = None) -> Any:
+    """Return the positions of one left-padded row's post-instruction template tokens: the last occurrence of
+    `template_ids` among its real tokens, so a reply prefilled after the template ("Sure, here is") does not move
+    what a gate reads; the row's last `n` real tokens when the ids are not given or not found.
+
+    Causal attention makes the head outputs at those positions independent of any prefill after them.
+    """
+    import torch
+
+    real = torch.nonzero(mask, as_tuple=False).flatten()
+    if template_ids:
+        k = len(template_ids)
+        tokens = ids[real].tolist()
+        want = list(template_ids)
+        for start in range(len(tokens) - k, -1, -1):
+            if tokens[start : start + k] == want:
+                return real[start : start + k]
+    return real[-n:]
 
 
 def encode_item(tokenizer: Any, prompt: str, response: str | None) -> tuple[list[int], int]:
