@@ -274,7 +274,7 @@ class Lock:
         shift_at="all" shifts every token. shift_at="generation" shifts only positions whose output
         predicts a generated token: the last position of a multi-token (prefill) call, and every position
         of a one-token (cached decoding) call. The prefill rule assumes left padding, as `generate` uses.
-        conditional=True reads the lock's gate at each prompt's (multi-token call's) last template tokens, unshifted,
+        conditional=True reads the lock's gate at each prompt's (multi-token call's) template tokens, unshifted,
         and shifts only the flagged rows, for that call and the one-token calls that follow it. The gate decides
         inside the prompt's own pass (`gate.condition_hooks`): a prompt nothing flags costs one pass.
         Hooks are removed on exit, so the model afterwards computes exactly what it did before.

@@ -177,7 +177,7 @@ def gate_logits_on_ids(lock: Lock, model: Any, ids: torch.Tensor, mask: torch.Te
 
     The batch runs through the model (as the gate reads it: `gate_reading`) up to the deepest layer the gate
     reads, as it is (any shift hooks the caller installed act, so callers that want the unshifted reading
-    switch them off first); the gate reads each row's last template tokens.
+    switch them off first); the gate reads each row's template tokens (`template_positions`).
     """
     gate = _installed(lock)
     wanted = sorted(set(gate.layers))
@@ -278,7 +278,7 @@ class _ForwardWrap:
 def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
     """Return the handles that decide, per prompt, whether `state` lets the shift hooks act.
 
-    Each multi-token call is decided on its prompt's last template tokens, read unshifted; the decision sets
+    Each multi-token call is decided on its prompt's template tokens, read unshifted; the decision sets
     `state.rows`, which the one-token calls that follow reuse. A gate that reads the deployed model decides
     inside the call's own pass (the module docstring says how); one that reads the base under a peft
     adapter, or a cache that cannot be rewound, takes a decision pass of its own up to the deepest gate layer.

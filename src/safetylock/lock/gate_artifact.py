@@ -79,7 +79,9 @@ class Gate:
         if int(self.template_tokens) < 1:
             raise SafetylockError(f"a gate reads at least one template token, not {self.template_tokens}")
         self.template_tokens = int(self.template_tokens)
-        if self.template_ids is not None:
+        if not self.template_ids:
+            self.template_ids = None  # a template with no tokens of its own: read the last tokens
+        else:
             if not isinstance(self.template_ids, (list, tuple)) or len(self.template_ids) != self.template_tokens:
                 raise SafetylockError(f"the gate's template ids ({self.template_ids!r}) are not "
                                       f"{self.template_tokens} token ids; fit the gate again")
