@@ -142,7 +142,8 @@ def main() -> None:
           f"{gate['design']} reading layers {gate['layers']} of the {gate['reads']}; {result['dtype']}; "
           f"{result['machine']}. {args.prompts} prompts of {statistics.mean(n_tokens['benign']):.0f} tokens per kind, "
           f"batch 1, {args.rounds} rounds, medians; decode: {args.new_tokens} one-token steps from the prefill's cache.\n\n"
-          f"Command: `.venv/bin/python {result['command']}`\n\n"
+          f"Command: `.venv/bin/python {result['command']}`, the lock from `safetylock extract -m {args.model} "
+          f"-o {args.lock}`\n\n"
           "| prompts | mode | prefill tokens/s | vs unlocked | decode tokens/s | vs unlocked |\n|---|---|---|---|---|---|\n"
           + "\n".join(rows_md) + "\n")
     (args.out / "prefill.md").write_text(md)
