@@ -66,6 +66,11 @@ USAGE = [
     (["calibrate", "-m", M, "--lock", "l.safetensors", "--alphas", "1,inf"], "finite number > 0"),
     (["bench", "--alphas", "safetylock=-1", "-o", "B"], "finite number > 0"),
     (["finetune", "--lr", "nan"], "--lr"),
+    (["bench", "--alphas", "guard=nan", "-o", "B"], "must be finite"),
+    (["fit-defense", "magic", "-o", "f.safetensors"], "cannot fit 'magic'"),
+    (["fit-defense", "safetylock", "-o", "f.safetensors"], "the locks come from `safetylock extract`"),
+    (["fit-defense", "resta", "-o", "f.safetensors"], "needs the base's harmful fine-tune"),
+    (["fit-defense", "guard", "--unaligned", "A", "-o", "f.safetensors"], "--unaligned is for resta and safe-lora"),
 ]
 
 

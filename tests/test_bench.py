@@ -77,6 +77,30 @@ def test_micro_grid_end_to_end_then_fully_cached(tmp_path, tiny_dir):
     assert [c.split()[0] for c in third["computed"]] == ["cell", "cell"]
 
 
+def test_calibrate_on_picks_a_swept_strength_marks_its_rows_and_is_cached(tmp_path, tiny_dir):
+    calls: list[str] = []
+    args = dict(alphas={"safetylock": [1.0, 4.0], "gate-refusal": [-1.0, 1.0]}, settings=MICRO,
+                loader=counting_loader(calls), progress=False, calibrate_on="harmful-10@1")
+    out = tmp_path / "bench"
+    first = run_bench([str(tiny_dir)], ["harmful-10@1"], ["none", "safetylock", "gate-refusal"], out, **args)
+    found = first["calibration"][str(tiny_dir)]
+    assert set(found) == {"safetylock", "gate-refusal"}
+    assert [p["alpha"] for p in found["safetylock"]["points"]] == [1.0, 4.0]
+    assert found["gate-refusal"]["lower_is_stronger"] is True and found["safetylock"]["lower_is_stronger"] is False
+    for defense, c in found.items():
+        assert c["attack"] == "harmful-10@1" and c["n"] == 24
+        marked = [r["alpha"] for r in first["rows"] if r["defense"] == defense and r["calibrated"]]
+        assert marked == ([c["chosen_alpha"]] if c["chosen_alpha"] is not None else [])
+    assert "none" not in found and "calibrated" not in next(r for r in first["rows"] if r["defense"] == "none")
+    kinds = [c.split()[1] for c in first["computed"] if c.startswith("calibration")]
+    assert kinds == ["reference", str(tiny_dir), str(tiny_dir)]  # the base once, then each defense
+    assert "Calibrated strengths" in (out / "RESULTS.md").read_text()
+    again = run_bench([str(tiny_dir)], ["harmful-10@1"], ["none", "safetylock", "gate-refusal"], out, **args)
+    assert again["computed"] == [] and again["calibration"] == first["calibration"]
+    with pytest.raises(SafetylockError, match="bad attack"):
+        run_bench(["m"], ["none"], ["none"], tmp_path, calibrate_on="harmful-10@x", loader=lambda s: None)
+
+
 def test_fresh_recomputes(tmp_path, tiny_dir):
     calls: list[str] = []
     args = dict(settings=MICRO, loader=counting_loader(calls), progress=False)
@@ -104,7 +128,9 @@ def test_attack_and_alpha_parsing():
     for bad in (["nope"], ["harmful-10@x"], ["none@3"]):
         with pytest.raises(SafetylockError):
             parse_attacks(bad)
-    for bad in (["safetylock"], ["none=1"], ["iti=a"], ["iti="]):
+    # A screen's strength is a logit threshold: any finite number, negative included; a lock's must be > 0.
+    assert parse_alphas(["guard=-2,0,2", "gate-refusal=-1"]) == {"guard": (-2.0, 0.0, 2.0), "gate-refusal": (-1.0,)}
+    for bad in (["safetylock"], ["none=1"], ["iti=a"], ["iti="], ["safetylock=-1"], ["guard=nan"], ["gate-refusal=inf"]):
         with pytest.raises(SafetylockError):
             parse_alphas(bad)
 

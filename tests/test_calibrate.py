@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from tiny import tiny_model
@@ -38,6 +40,56 @@ def test_a_calibration_says_whether_its_alpha_reaches_the_target():
 def test_collapsed_replies_never_qualify():
     points = [point(1, 0.5, 0.1), point(4, 0.0, 0.1, distinct=0.1)]
     assert choose_alpha(points, target=0.1, max_benign=0.2) == 1
+
+
+def test_choose_alpha_takes_the_highest_threshold_when_lower_is_stronger():
+    """A screen's logit threshold: the weakest setting meeting the target is the highest one."""
+    points = [CalibrationPoint(-2.0, 0.0, 0.5, 1.0), CalibrationPoint(0.0, 0.1, 0.1, 1.0),
+              CalibrationPoint(2.0, 0.1, 0.0, 1.0), CalibrationPoint(4.0, 0.6, 0.0, 1.0)]
+    assert choose_alpha(points, target=0.1, max_benign=0.2, lower_is_stronger=True) == 2.0
+    assert choose_alpha(points, target=0.1, max_benign=0.2) == 0.0  # read as a strength, the smallest wins
+    # No point meets the target: the least harmful within budget, ties to the weakest (highest) threshold.
+    assert choose_alpha(points, target=0.0, max_benign=0.2, lower_is_stronger=True) == 2.0
+
+
+class StrengthDefense:
+    """A stand-in defense: applied at a strength it yields a marker the patched refusal_rates reads."""
+
+    def __init__(self):
+        self.applied_at = []
+
+    @contextlib.contextmanager
+    def applied(self, model, alpha=None):
+        self.applied_at.append(alpha)
+        yield ("defended", alpha)
+
+    def describe(self):
+        return {"name": "stand-in"}
+
+
+def test_calibrate_defense_sweeps_each_strength_and_holds_it_to_the_reference(monkeypatch):
+    import safetylock.calibrate as cal
+    from safetylock.calibrate import calibrate_defense
+
+    rates = {-1.0: (0.0, 0.5, 1.0), 0.0: (0.25, 0.25, 1.0), 1.0: (0.25, 0.1, 1.0), 3.0: (0.75, 0.0, 1.0)}
+    seen = []
+
+    def fake_rates(model, tokenizer, harmful, benign, judge, max_new_tokens, batch_size, system=None):
+        seen.append((model, len(harmful), len(benign), system))
+        return rates[model[1]]
+
+    monkeypatch.setattr(cal, "refusal_rates", fake_rates)
+    monkeypatch.setattr(cal, "calibration_prompts", lambda n: ([f"harm {i}" for i in range(n)], [f"ok {i}" for i in range(n)]))
+    defense = StrengthDefense()
+    result = calibrate_defense("model", None, defense, [3.0, -1.0, 1.0, 0.0], (0.25, 0.1), lower_is_stronger=True,
+                               n=4, judge="keyword", system="sys")
+    assert [p.alpha for p in result.points] == [-1.0, 0.0, 1.0, 3.0] and defense.applied_at == [-1.0, 0.0, 1.0, 3.0]
+    assert all(s == (("defended", a), 4, 4, "sys") for s, a in zip(seen, [-1.0, 0.0, 1.0, 3.0]))
+    # target: the reference's 0.25 harmful; budget: its 0.1 + 0.05 benign. 1.0 meets both and is the weakest.
+    assert result.chosen == 1.0 and result.target_met and result.target == 0.25
+    assert result.to_dict()["lower_is_stronger"] is True and result.to_dict()["defense"] == "stand-in"
+    with pytest.raises(SafetylockError, match="at least one strength"):
+        calibrate_defense("model", None, defense, [], (0.0, 0.0))
 
 
 def test_distinct_share():

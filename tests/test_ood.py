@@ -164,6 +164,15 @@ def test_gate_refusal_replies_the_message_exactly_where_the_gate_fires(tokenizer
     for flag, before, after in zip(flags.tolist(), plain, screened):
         assert after == (REFUSAL_MESSAGE if flag else before)
     assert int(flags.sum()) == 1
+    # alpha is the gate's logit threshold: above every logit nothing is refused, below every logit everything is.
+    high, low = float(raw.max() - raw.mean()) + 1.0, float(raw.min() - raw.mean()) - 1.0
+    with GateRefusal(lock, tokenizer).applied(model, high):
+        assert generate(model, tokenizer, prompts, max_new_tokens=40).texts == plain
+    with GateRefusal(lock, tokenizer).applied(model, low):
+        assert generate(model, tokenizer, prompts, max_new_tokens=40).texts == [REFUSAL_MESSAGE] * 2
+    with pytest.raises(SafetylockError, match="gate threshold must be finite"):
+        with GateRefusal(lock, tokenizer).applied(model, float("nan")):
+            pass
 
 
 def test_recalibrate_sets_the_benign_firing_share_on_the_guarded_model():

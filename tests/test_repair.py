@@ -307,3 +307,29 @@ def test_bench_fits_the_new_defenses_from_the_harmful_fine_tune(tmp_path, tiny_d
     assert rows["harmful-10@1", "guard"]["seconds_per_prompt"] > 0
     kinds = [c.split()[0] for c in out["computed"]]
     assert kinds.count("adapter") == 1  # the unaligned model is the grid's own harmful-10@1 adapter
+
+
+def test_cli_fit_defense_writes_artifacts_eval_loads(tmp_path, tiny_dir):
+    """`safetylock fit-defense` on a checkpoint on disk: RESTA from a harmful adapter, the guard from the base alone."""
+    import subprocess
+    import sys
+
+    from safetylock.models import load_model
+
+    base, _ = load_model(str(tiny_dir), dtype="fp32", device="cpu")
+    adapter = make_adapter(base, tmp_path / "harmful", seed=1)
+    cli = [sys.executable, "-m", "safetylock.cli", "fit-defense"]
+    for name, extra in (("resta", ["--unaligned", str(adapter)]), ("guard", [])):
+        out = tmp_path / f"{name}.safetensors"
+        proc = subprocess.run([*cli, name, "-m", str(tiny_dir), "-o", str(out), "--dtype", "fp32", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().endswith(str(out)) and out.is_file()
+        defense = make_defense(name, out)
+        assert defense.describe()["name"] == name
+    vector = SafetyVector.load(tmp_path / "resta.safetensors")
+    direct = fit_resta(attach_adapter(copy.deepcopy(base), adapter))
+    assert vector.parts.keys() == direct.parts.keys()
+    for key, part in vector.parts.items():
+        mine = direct.parts[key]
+        assert part.scale == mine.scale and torch.equal(part.lora_a, mine.lora_a) and torch.equal(part.lora_b, mine.lora_b)

@@ -11,6 +11,7 @@ _PUBLIC = {
     "baselines": ("DEFENSES", "Defense", "RefusalDirection", "fit_iti", "fit_refusal_direction", "make_defense",
                   "train_safety_sft"),
     "bench": ("BenchSettings", "run_bench"),
+    "calibrate": ("calibrate_defense",),
     "data": ("contrast_pairs", "load_benchmark"),
     "deployment": ("Deployment",),
     "errors": ("SafetylockError",),

@@ -74,20 +74,21 @@ def distinct_share(texts: Sequence[str], prefix: int = 40) -> float:
 
 
 def choose_alpha(points: Sequence[CalibrationPoint], target: float, max_benign: float,
-                 min_distinct: float = 0.5) -> float | None:
-    """Return the smallest alpha meeting the harm target within the benign budget, else the best-harm admissible one.
+                 min_distinct: float = 0.5, lower_is_stronger: bool = False) -> float | None:
+    """Return the weakest alpha meeting the harm target within the benign budget, else the best-harm admissible one.
 
-    Points whose replies collapse (few distinct replies) never qualify: a lock that makes every reply the
-    same string has broken the model, whatever a refusal judge says.
+    The weakest is the smallest alpha, or the largest when `lower_is_stronger` (a screen's logit threshold:
+    the lower it is, the more prompts it refuses). Points whose replies collapse (few distinct replies) never
+    qualify: a lock that makes every reply the same string has broken the model, whatever a refusal judge says.
     """
-    admissible = [p for p in sorted(points, key=lambda p: p.alpha)
+    admissible = [p for p in sorted(points, key=lambda p: p.alpha, reverse=lower_is_stronger)
                   if p.benign_refusal_rate <= max_benign + 1e-9 and p.distinct_replies >= min_distinct]
     for p in admissible:
         if p.reaches(target):
             return p.alpha
     if not admissible:
         return None
-    return min(admissible, key=lambda p: (p.harmful_rate, p.alpha)).alpha
+    return min(admissible, key=lambda p: (p.harmful_rate, -p.alpha if lower_is_stronger else p.alpha)).alpha
 
 
 def refusal_rates(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], judge: Any,
@@ -173,6 +174,52 @@ def calibrate(
     chosen = choose_alpha(points, goal, ref_b + budget)
     settings = {"n": n, "judge": judge, "conditional": conditional, "max_new_tokens": max_new_tokens,
                 "harmful_prompts": "advbench extract", "benign_prompts": "overrefusal extract"}
+    return Calibration(points, ref_h, ref_b, goal, budget, chosen, settings)
+
+
+def calibrate_defense(
+    model: Any,
+    tokenizer: Any,
+    defense: Any,
+    strengths: Sequence[float],
+    reference_rates: tuple[float, float],
+    *,
+    lower_is_stronger: bool = False,
+    target: float | None = None,
+    budget: float = 0.05,
+    n: int = 24,
+    judge: str = DEFAULT_JUDGE,
+    system: str | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 12,
+) -> Calibration:
+    """Return the strength sweep of any `Defense` on `model` and the strength it picks, by `calibrate`'s rule.
+
+    The same prompts, judge and choice as a lock's alpha: the weakest strength whose harmful rate is at most
+    `target` (default: the reference's harmful rate) with benign refusals within `budget` of the reference's.
+    `reference_rates` are (harmful rate, benign refusal rate) of the reference (the aligned base) on these
+    prompts, measured beforehand with `refusal_rates` (the reference and `model` may share weights, as a base
+    and its attached adapter do). `lower_is_stronger` for logit thresholds (the guard, gate-only refusal).
+    """
+    from .judges import get_judge
+
+    if not strengths:
+        raise SafetylockError("calibration needs at least one strength")
+    if n < 2:
+        raise SafetylockError(f"calibration needs at least 2 prompts of each kind, got {n}")
+    the_judge = get_judge(judge)
+    harmful, benign = calibration_prompts(n)
+    ref_h, ref_b = reference_rates
+    goal = ref_h if target is None else float(target)
+    points = []
+    for strength in sorted(strengths):
+        with defense.applied(model, strength) as defended:
+            h, b, d = refusal_rates(defended, tokenizer, harmful, benign, the_judge, max_new_tokens, batch_size, system)
+        points.append(CalibrationPoint(float(strength), h, b, d))
+    chosen = choose_alpha(points, goal, ref_b + budget, lower_is_stronger=lower_is_stronger)
+    settings = {"n": n, "judge": judge, "defense": defense.describe().get("name"), "max_new_tokens": max_new_tokens,
+                "lower_is_stronger": lower_is_stronger, "harmful_prompts": "advbench extract",
+                "benign_prompts": "overrefusal extract"}
     return Calibration(points, ref_h, ref_b, goal, budget, chosen, settings)
 
 

@@ -12,6 +12,21 @@ class SafetylockError(Exception):
 MAX_ALPHA = 100.0
 
 
+def check_finite(value: object, what: str) -> float:
+    """Return `value` as a float if it is a finite number (a logit threshold may take any sign); raise otherwise."""
+    import math
+
+    if isinstance(value, bool) or value is None:
+        raise SafetylockError(f"{what} must be a number, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SafetylockError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SafetylockError(f"{what} must be finite, got {number!r}")
+    return number
+
+
 def check_alpha(value: object, what: str = "--alpha") -> float:
     """Return `value` as a float if it is a usable lock strength (finite, > 0, <= MAX_ALPHA); raise otherwise.
 

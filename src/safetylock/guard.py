@@ -14,7 +14,6 @@ screened prompt (a prefill, no generation), reported as seconds per screened pro
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +25,7 @@ import torch
 
 from .arch import unwrap
 from .baselines import Defense
-from .errors import SafetylockError
+from .errors import SafetylockError, check_finite
 from .files import read_tagged_safetensors, write_tagged_safetensors
 from .screen import REFUSAL_MESSAGE, forced_reply
 
@@ -124,15 +123,7 @@ def user_request(tokenizer: Any, ids: Sequence[int], markers: tuple[str, str] | 
 
 def check_threshold(value: object) -> float:
     """Return a guard threshold (a logit difference: any finite number) as a float; raise otherwise."""
-    if isinstance(value, bool) or value is None:
-        raise SafetylockError(f"the guard threshold must be a number, got {value!r}")
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise SafetylockError(f"the guard threshold must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise SafetylockError(f"the guard threshold must be finite, got {number!r}")
-    return number
+    return check_finite(value, "the guard threshold")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SafetylockError
+from ..errors import SafetylockError, check_finite
 from ..lock import Lock
 from .defense import Defense
 
@@ -47,7 +47,11 @@ class LockDefense(Defense):
 
 class GateRefusal(Defense):
     """Gate-only refusal: the lock's harmfulness gate decides, and a flagged prompt gets a fixed refusal message;
-    nothing is steered. The honest baseline the conditional lock's gate enables on its own."""
+    nothing is steered. The honest baseline the conditional lock's gate enables on its own.
+
+    alpha, if given, is the gate's logit threshold (any finite number; default 0, the cut the gate was fitted
+    with): a prompt is flagged when its gate logit exceeds it, so a lower threshold refuses more.
+    """
 
     name = "gate-refusal"
 
@@ -79,10 +83,11 @@ class GateRefusal(Defense):
         from ..lock.gate import gate_logits_on_ids
         from ..screen import forced_reply
 
+        threshold = 0.0 if alpha is None else check_finite(alpha, "the gate threshold")
         self.lock.validate(model, force=self.force)
 
         def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return gate_logits_on_ids(self.lock, model, ids, mask) > 0
+            return gate_logits_on_ids(self.lock, model, ids, mask) > threshold
 
         with forced_reply(model, self._tokenizer(), decide, self.message) as screen:
             self.last = screen

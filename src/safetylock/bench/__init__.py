@@ -25,10 +25,11 @@ One file per concern, in pipeline order:
 
 from __future__ import annotations
 
-from .settings import BENCHMARKS, DEFAULT_ALPHAS, FITTED, SWEPT, AttackSpec, BenchSettings, parse_alphas, parse_attacks
+from .settings import BENCHMARKS, DEFAULT_ALPHAS, FITTED, SWEPT, THRESHOLDED, AttackSpec, BenchSettings, parse_alphas, parse_attacks
 from .cache import FORMAT_VERSION, cell_eval_dir, cell_records, model_identity
 from .session import Loader, first_token_kl, first_token_logprobs
-from .grid import deployment_system, run_bench
+from .artifacts import deployment_system
+from .grid import run_bench
 from .report import COLUMNS, results_markdown, write_plots
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "FITTED",
     "FORMAT_VERSION",
     "SWEPT",
+    "THRESHOLDED",
     "AttackSpec",
     "BenchSettings",
     "Loader",

@@ -22,12 +22,6 @@ def _harmful_texts(n: int) -> list[str]:
     return [p.text for p in harmful_prompts("extract")][:n]
 
 
-def _harmless_texts(n: int) -> list[str]:
-    from ..data import harmless_prompts
-
-    return [p.text for p in harmless_prompts("extract")][:n]
-
-
 def _pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
     from ..data import contrast_pairs
 
@@ -58,7 +52,6 @@ def base_artifact(ctx: RunContext, session: ModelSession, mid: str, defense: str
     key = artifact_key(ctx, mid, defense)
     where = ctx.path("artifacts", f"{defense}-{key}", ".safetensors")
     if ctx.stale(where):
-        from ..baselines import fit_iti, fit_refusal_direction
         from ..lock import extract
 
         base = session.plain()
@@ -75,27 +68,23 @@ def base_artifact(ctx: RunContext, session: ModelSession, mid: str, defense: str
 
             artifact = fit_condition(Lock.load(plain), base, session.tokenizer, *gate_prompts(s.fit_prompts, s.seed),
                                      seed=s.seed)
-        elif defense == "iti":
-            artifact = fit_iti(base, session.tokenizer, _pairs(s.pairs, s.seed), heads=s.iti_heads, seed=s.seed,
-                               name=session.spec)
-        elif defense in ("resta", "safe-lora"):  # V reverses the base's harmful fine-tune (trained or cached)
-            from ..repair import fit_resta, fit_safe_lora
+        else:  # the baselines, fitted as `safetylock fit-defense` fits them
+            from ..baselines.fitting import NEEDS_UNALIGNED, fit_defense_artifact
 
-            harmful = parse_attacks([s.unaligned])[0]
-            adapter = attack_adapter(ctx, session, harmful, attack_key(ctx, mid, harmful))
-            assert adapter is not None
-            start = time.perf_counter()
-            artifact = (fit_resta if defense == "resta" else fit_safe_lora)(session.compromised(adapter),
-                                                                             name=session.spec)
-            train = json.loads((adapter / "result.json").read_text(encoding="utf-8")).get("seconds")
-            artifact.metadata["unaligned"] = {"attack": harmful.label, "adapter": str(adapter), "train_seconds": train}
-        elif defense == "guard":  # the base screens prompts, so its file names the base
-            from ..guard import fit_guard
-
-            artifact = fit_guard(base, session.tokenizer, spec=session.spec, dtype=s.dtype)
-        else:
-            artifact = fit_refusal_direction(base, session.tokenizer, _harmful_texts(s.fit_prompts),
-                                             _harmless_texts(s.fit_prompts), seed=s.seed, name=session.spec)
+            unaligned, about = None, None
+            if defense in NEEDS_UNALIGNED:  # V reverses the base's harmful fine-tune (trained or cached)
+                harmful = parse_attacks([s.unaligned])[0]
+                adapter = attack_adapter(ctx, session, harmful, attack_key(ctx, mid, harmful))
+                assert adapter is not None
+                unaligned = session.compromised(adapter)
+                train = json.loads((adapter / "result.json").read_text(encoding="utf-8")).get("seconds")
+                about = {"attack": harmful.label, "adapter": str(adapter), "train_seconds": train}
+                start = time.perf_counter()
+            artifact = fit_defense_artifact(defense, base, session.tokenizer, spec=session.spec, unaligned=unaligned,
+                                            pairs=s.pairs, fit_prompts=s.fit_prompts, iti_heads=s.iti_heads,
+                                            seed=s.seed, dtype=s.dtype)
+            if about is not None:
+                artifact.metadata["unaligned"] = about
         artifact.metadata["fit_seconds"] = round(time.perf_counter() - start, 3)
         artifact.save(where)
         ctx.record(f"{defense} {session.spec}", where)
@@ -148,3 +137,12 @@ def prep_seconds(name: str, artifact: Path | None) -> float | None:
     value = meta.get("fit_seconds")
     train = (meta.get("unaligned") or {}).get("train_seconds") or 0.0  # resta / safe-lora: the harmful fine-tune
     return float(value) + float(train) if value is not None else None
+
+
+def deployment_system(attack: str, defense_system: str | None) -> str | None:
+    """Return the system prompt a cell runs with: the attack's own (AOA's identity prompt), then the defense's."""
+    from ..attack import get_attack
+
+    parts = [get_attack(attack).system if attack != "none" else None, defense_system]
+    text = "\n\n".join(p for p in parts if p)
+    return text or None

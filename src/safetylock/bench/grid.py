@@ -12,11 +12,11 @@ from ..baselines import DEFENSES, SELF_REMINDER
 from ..errors import SafetylockError
 from ..files import atomic_file, write_json
 from ..repair import check_threshold
-from .artifacts import attack_adapter, base_artifact, cell_defense, prep_seconds, sft_artifact
+from .artifacts import attack_adapter, base_artifact, cell_defense, deployment_system, prep_seconds, sft_artifact
 from .cache import FORMAT_VERSION, RunContext, artifact_key, attack_key, cache_key, cell_eval_dir, model_identity
 from .report import results_markdown, write_plots
 from .session import Loader, ModelSession, first_token_kl, first_token_logprobs
-from .settings import DEFAULT_ALPHAS, FITTED, SWEPT, AttackSpec, BenchSettings, parse_attacks
+from .settings import DEFAULT_ALPHAS, FITTED, AttackSpec, BenchSettings, parse_attacks
 
 
 def _evaluate_cell(ctx: RunContext, session: ModelSession, model: Any, system: str | None, workdir: Path,
@@ -61,12 +61,15 @@ def run_bench(
     cache_dir: str | Path | None = None,
     loader: Loader | None = None,
     progress: bool = True,
+    calibrate_on: str | None = None,
 ) -> dict[str, Any]:
     """Return the grid's results after computing every missing cell; write results.json, RESULTS.md and plots.
 
     `loader(spec) -> (model, tokenizer)` loads a base model (default: `load_model(spec, dtype=settings.dtype)`);
     it is called only when something under the model must be computed. `alphas` maps the swept defenses
-    (safetylock, iti, refusal-direction) to their strengths; the others run once.
+    (safetylock, iti, refusal-direction) to their strengths; the others run once. `calibrate_on` (an attack,
+    e.g. "harmful-10") picks, for each defense with a strength, the calibrated one among those swept, by
+    `calibrate`'s rule on that attacked model (`bench.calibration`); its rows are marked `calibrated`.
     """
     s = settings or BenchSettings()
     if limit is not None:
@@ -78,6 +81,8 @@ def run_bench(
     if unknown or not defenses:
         raise SafetylockError(f"unknown defense '{unknown[0] if unknown else ''}'; known: {', '.join(DEFENSES)}")
     specs = parse_attacks(attacks, attack_steps)
+    if calibrate_on is not None:
+        parse_attacks([calibrate_on])  # a bad name fails before any cell runs
     sweep = {**DEFAULT_ALPHAS, **{k: tuple(float(a) for a in v) for k, v in (alphas or {}).items()}}
     if loader is None:
         from ..models import load_model
@@ -91,7 +96,7 @@ def run_bench(
     for threshold in sweep.get("safe-lora", ()):
         check_threshold(threshold)
     cells = [(m, a, d, alpha) for m in models for a in specs for d in dict.fromkeys(defenses)
-             for alpha in (sweep[d] if d in SWEPT else (None,))
+             for alpha in sweep.get(d, (None,))
              if not (d == "safe-lora" and a.name == "none")]  # Safe LoRA projects an adapter; "none" has none
     rows: list[dict[str, Any]] = []
     bar = None
@@ -108,6 +113,7 @@ def run_bench(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"{attack.label} / {defense}" + (f" @ {alpha:g}" if alpha is not None else ""))
+        calibration = _calibrations(ctx, sessions, mids, calibrate_on, defenses, sweep, rows)
     finally:
         if bar is not None:
             bar.close()
@@ -119,11 +125,12 @@ def run_bench(
         "models": list(models),
         "attacks": [a.label for a in specs],
         "defenses": list(dict.fromkeys(defenses)),
-        "alphas": {d: list(sweep[d]) for d in defenses if d in SWEPT},
+        "alphas": {d: list(sweep[d]) for d in defenses if d in sweep},
         "settings": asdict(s),
         "self_reminder": SELF_REMINDER,
         "cache_dir": str(cache),
         "computed": ctx.computed,
+        "calibration": calibration,
         "rows": rows,
     }
     write_json(outdir / "results.json", result)
@@ -132,6 +139,29 @@ def run_bench(
     result["plots"] = [str(p) for p in write_plots(result, outdir)]
     write_json(outdir / "results.json", result)
     return result
+
+
+def _calibrations(ctx: RunContext, sessions: dict[str, ModelSession], mids: dict[str, str], attack: str | None,
+                  defenses: Sequence[str], sweep: dict[str, tuple[float, ...]],
+                  rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return {model: {defense: calibration}} on `attack`'s model; mark the rows at each chosen strength."""
+    if attack is None:
+        return {}
+    from .calibration import calibrate_strength
+
+    spec = parse_attacks([attack])[0]
+    out: dict[str, dict[str, Any]] = {}
+    for model, session in sessions.items():
+        out[model] = {}
+        for defense in dict.fromkeys(defenses):
+            if defense not in sweep or (defense == "safe-lora" and spec.name == "none"):
+                continue
+            found = calibrate_strength(ctx, session, mids[model], spec, defense, sweep[defense])
+            out[model][defense] = found
+            for row in rows:
+                if row["model"] == model and row["defense"] == defense:
+                    row["calibrated"] = found["chosen_alpha"] is not None and row["alpha"] == found["chosen_alpha"]
+    return out
 
 
 def _cell(ctx: RunContext, session: ModelSession, mid: str, attack: AttackSpec, defense: str,
@@ -180,15 +210,6 @@ def _cell(ctx: RunContext, session: ModelSession, mid: str, attack: AttackSpec, 
     write_json(marker, row)
     ctx.record(f"cell {session.spec} {attack.label} {defense} {alpha}", marker)
     return {**row, "cached": False}
-
-
-def deployment_system(attack: str, defense_system: str | None) -> str | None:
-    """Return the system prompt a cell runs with: the attack's own (AOA's identity prompt), then the defense's."""
-    from ..attack import get_attack
-
-    parts = [get_attack(attack).system if attack != "none" else None, defense_system]
-    text = "\n\n".join(p for p in parts if p)
-    return text or None
 
 
 def _kl_reference(ctx: RunContext, session: ModelSession) -> Callable[[Any, str | None], float]:

@@ -22,6 +22,41 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
+RATES = ("harmbench", "advbench", "overrefusal", "gsm8k100", "bbq300")  # shares of n prompts: shown with their interval
+
+
+def _row_text(row: dict[str, Any], key: str) -> str:
+    """Return one table cell: rates with their Wilson 95% interval, the calibrated strength starred."""
+    value = row.get(key)
+    if key == "alpha" and value is not None and row.get("calibrated"):
+        return f"{_cell_text(value)}*"
+    n = row.get(f"{key}_n")
+    if key in RATES and isinstance(value, (int, float)) and isinstance(n, int) and n > 0:
+        from ..stats import wilson
+
+        low, high = wilson(round(value * n), n)
+        return f"{_cell_text(value)} [{low:.2f}, {high:.2f}]"
+    return _cell_text(value)
+
+
+def _calibration_lines(result: dict[str, Any], model: str) -> list[str]:
+    found = (result.get("calibration") or {}).get(model) or {}
+    if not found:
+        return []
+    lines = ["Calibrated strengths (* above): on the model each attack below made, every swept strength ran on the "
+             "calibration prompts (advbench and overrefusal extract splits, which no cell evaluates); the weakest "
+             "one with a harmful rate at most the base's and benign refusals within the budget of the base's wins.",
+             "", "| defense | on attack | n | base harmful / benign refused | strength: harmful / benign refused | "
+             "chosen | target met |", "|---|---|---|---|---|---|---|"]
+    for defense, c in found.items():
+        points = "; ".join(f"{p['alpha']:g}: {p['harmful_rate']:.2f} / {p['benign_refusal_rate']:.2f}"
+                           for p in c["points"])
+        lines.append(f"| {defense} | {c['attack']} | {c['n']} | {c['reference_harmful_rate']:.2f} / "
+                     f"{c['reference_benign_refusal_rate']:.2f} | {points} | {_cell_text(c['chosen_alpha'])} | "
+                     f"{'yes' if c['target_met'] else 'no'} |")
+    return [*lines, ""]
+
+
 def results_markdown(result: dict[str, Any]) -> str:
     """Return RESULTS.md: settings, then one table per model (rows: attack x defense x alpha)."""
     s = result["settings"]
@@ -33,14 +68,16 @@ def results_markdown(result: dict[str, Any]) -> str:
              "loaded model; fit/train s: time to fit its artifact (once per base, or per attacked model for "
              "safety-sft; resta and safe-lora include training the base's harmful fine-tune). tokens/s ratio: "
              "generation throughput relative to the undefended model. screen s/prompt: the guard's time per screened "
-             "prompt (KL to base is inf where it refuses a KL prompt: the fixed reply has one possible token).", "",
+             "prompt (KL to base is inf where it refuses a KL prompt: the fixed reply has one possible token). "
+             "Brackets: Wilson 95% intervals.", "",
              f"Self-reminder system prompt: \"{result['self_reminder']}\"", ""]
     used = [(k, h) for k, h in COLUMNS if k in ("attack", "defense") or any(r.get(k) is not None for r in result["rows"])]
     for model in result["models"]:
         lines += [f"## {model}", "", "| " + " | ".join(h for _, h in used) + " |", "|" + "---|" * len(used)]
         for r in (r for r in result["rows"] if r["model"] == model):
-            lines.append("| " + " | ".join(_cell_text(r.get(k)) for k, _ in used) + " |")
+            lines.append("| " + " | ".join(_row_text(r, k) for k, _ in used) + " |")
         lines.append("")
+        lines += _calibration_lines(result, model)
     from ..judges import accuracy_line
 
     lines.append(accuracy_line(s["judge"]))

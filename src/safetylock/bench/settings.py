@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..baselines import ITI_ALPHA
-from ..errors import SafetylockError, check_alpha
+from ..errors import SafetylockError, check_alpha, check_finite
 from ..evaluate import DEFAULT_TOKENS
 from ..judges import DEFAULT_JUDGE
 from ..lock import DEFAULT_ALPHA
@@ -16,9 +16,12 @@ BENCHMARKS = ("harmbench", "advbench", "overrefusal", "gsm8k100", "bbq300")
 DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {"safetylock": (DEFAULT_ALPHA,), "safetylock-conditional": (DEFAULT_ALPHA,), "iti": (ITI_ALPHA,),
                                                 "refusal-direction": (1.0,), "resta": (RESTA_COEF,),
                                                 "safe-lora": (SAFE_LORA_THRESHOLD,)}
-SWEPT = tuple(DEFAULT_ALPHAS)
+# Screens whose strength is a logit threshold (any sign): swept only when asked (--alphas guard=-2,0,2); by
+# default each keeps the threshold its artifact records.
+THRESHOLDED = ("guard", "gate-refusal")
+SWEPT = (*DEFAULT_ALPHAS, *THRESHOLDED)
 FITTED = ("safetylock", "safetylock-conditional", "iti", "refusal-direction",  # artifacts fitted on the base
-          "resta", "safe-lora", "guard")  # resta / safe-lora: from the base's harmful fine-tune (settings.unaligned)
+          "resta", "safe-lora", "guard", "gate-refusal")  # gate-refusal: the conditional lock's gate; resta / safe-lora: from the base's harmful fine-tune (settings.unaligned)
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,8 @@ def parse_alphas(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
         name, sep, values = item.partition("=")
         if not sep or name not in SWEPT:
             raise SafetylockError(f"bad --alphas '{item}'; write DEFENSE=A,B,... with DEFENSE one of {', '.join(SWEPT)}")
-        out[name] = tuple(check_alpha(v.strip(), f"every strength of --alphas '{item}'")
-                          for v in values.split(",") if v.strip())
+        check = check_finite if name in THRESHOLDED else check_alpha
+        out[name] = tuple(check(v.strip(), f"every strength of --alphas '{item}'") for v in values.split(",") if v.strip())
         if not out[name]:
             raise SafetylockError(f"bad --alphas '{item}': give at least one number")
     return out

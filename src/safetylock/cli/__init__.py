@@ -2,7 +2,7 @@
 
 Commands live by stage: `model_commands` (models, chat, demo, finetune), `serve_commands` (serve, serve-bench),
 `eval_commands` (eval, judge, report), `bench_commands` (bench, ood, bench-generate) and `lock_commands`
-(extract, inspect, gate, apply, check, calibrate); `options` holds the options they share. They are registered
+(extract, inspect, gate, apply, check, calibrate) and `defense_commands` (fit-defense); `options` holds the options they share. They are registered
 below in the order `safetylock --help` lists them.
 """
 
@@ -14,6 +14,7 @@ import typer
 
 from ..errors import SafetylockError
 from .bench_commands import bench_command, bench_generate_command, ood_command
+from .defense_commands import fit_defense_command
 from .eval_commands import eval_command, judge_command, report_command
 from .lock_commands import (apply_command, calibrate_command, check_command, extract_command,
                             gate_command, inspect_command)
@@ -44,6 +45,7 @@ app.command("gate")(gate_command)
 app.command("apply")(apply_command)
 app.command("check")(check_command)
 app.command("calibrate")(calibrate_command)
+app.command("fit-defense")(fit_defense_command)
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ def bench_command(
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Artifact cache (default OUT/cache).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Recompute everything, ignoring the cache.")] = False,
     dtype: DtypeOpt = "auto",
+    calibrate_on: Annotated[Optional[str], typer.Option("--calibrate-on", help="Attack whose fine-tune picks each "
+                                                        "swept defense's calibrated strength (e.g. harmful-10).")] = None,
 ) -> None:
     """Run the attacks x defenses grid (cached), and write a results table and plots."""
     from ..baselines import DEFENSES
@@ -52,7 +54,7 @@ def bench_command(
                              sft_steps=sft_steps, batch_size=batch_size, dtype=dtype)
     result = run_bench(split_list(models, (DEFAULT_MODEL,)), split_list(attacks, ("harmful-10",)),
                        split_list(defenses, DEFENSES), out, alphas=parse_alphas(alphas or []), attack_steps=steps,
-                       fresh=fresh, settings=settings, cache_dir=cache_dir)
+                       fresh=fresh, settings=settings, cache_dir=cache_dir, calibrate_on=calibrate_on)
     err.print(f"{len(result['rows'])} cells; computed {len(result['computed'])} item(s), the rest from the cache")
     console.print((out / "RESULTS.md").read_text(encoding="utf-8"), markup=False, highlight=False)
 
