@@ -13,7 +13,7 @@ from typing import Any
 
 from .cache import RunContext, artifact_key, attack_key, cache_key
 from .session import ModelSession
-from .settings import AttackSpec, parse_attacks
+from .settings import FITTED, AttackSpec, parse_attacks
 
 
 def _harmful_texts(n: int) -> list[str]:
@@ -122,6 +122,19 @@ def cell_defense(name: str, artifact: Path | None, session: ModelSession | None 
         assert artifact is not None
         return GuardDefense.load(artifact, tokenizer=session.tokenizer, loader=session.loader)
     return make_defense(name, artifact)
+
+
+def cell_parts(ctx: RunContext, session: ModelSession, mid: str, attack: AttackSpec,
+               defense: str) -> tuple[Path | None, Path | None, Any, Any]:
+    """Return (adapter, artifact, attacked model, defense) for one cell, fitting or training what the cache lacks."""
+    akey = attack_key(ctx, mid, attack)
+    adapter = attack_adapter(ctx, session, attack, akey)
+    artifact: Path | None = None
+    if defense in FITTED:
+        artifact, _ = base_artifact(ctx, session, mid, defense)
+    elif defense == "safety-sft":
+        artifact, _ = sft_artifact(ctx, session, adapter, akey)
+    return adapter, artifact, session.compromised(adapter), cell_defense(defense, artifact, session)
 
 
 def prep_seconds(name: str, artifact: Path | None) -> float | None:

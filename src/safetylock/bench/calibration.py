@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..files import write_json
-from .artifacts import attack_adapter, base_artifact, cell_defense, deployment_system, sft_artifact
+from .artifacts import cell_parts, deployment_system
 from .cache import RunContext, artifact_key, attack_key, cache_key
 from .session import ModelSession
 from .settings import FITTED, THRESHOLDED, AttackSpec
@@ -65,14 +65,7 @@ def calibrate_strength(ctx: RunContext, session: ModelSession, mid: str, attack:
     marker = ctx.path("calibration", key, ".json")
     if ctx.stale(marker):
         reference = _reference_rates(ctx, session, mid, inputs)
-        adapter = attack_adapter(ctx, session, attack, akey)
-        artifact = None
-        if defense in FITTED:
-            artifact, _ = base_artifact(ctx, session, mid, defense)
-        elif defense == "safety-sft":
-            artifact, _ = sft_artifact(ctx, session, adapter, akey)
-        model = session.compromised(adapter)
-        d = cell_defense(defense, artifact, session)
+        _, _, model, d = cell_parts(ctx, session, mid, attack, defense)
         result = calibrate_defense(model, session.tokenizer, d, strengths, reference,
                                    lower_is_stronger=defense in THRESHOLDED, budget=inputs.budget, n=inputs.n,
                                    judge=s.judge, system=deployment_system(attack.name, d.system),

@@ -12,7 +12,7 @@ from ..baselines import DEFENSES, SELF_REMINDER
 from ..errors import SafetylockError
 from ..files import atomic_file, write_json
 from ..repair import check_threshold
-from .artifacts import attack_adapter, base_artifact, cell_defense, deployment_system, prep_seconds, sft_artifact
+from .artifacts import cell_parts, deployment_system, prep_seconds
 from .cache import FORMAT_VERSION, RunContext, artifact_key, attack_key, cache_key, cell_eval_dir, model_identity
 from .report import results_markdown, write_plots
 from .session import Loader, ModelSession, first_token_kl, first_token_logprobs
@@ -183,14 +183,7 @@ def _cell(ctx: RunContext, session: ModelSession, mid: str, attack: AttackSpec, 
              "alpha": alpha}
     if not ctx.stale(marker):
         return {**json.loads(marker.read_text(encoding="utf-8")), **label, "cached": True}
-    adapter = attack_adapter(ctx, session, attack, akey)
-    artifact: Path | None = None
-    if defense in FITTED:
-        artifact, _ = base_artifact(ctx, session, mid, defense)
-    elif defense == "safety-sft":
-        artifact, _ = sft_artifact(ctx, session, adapter, akey)
-    model = session.compromised(adapter)
-    d = cell_defense(defense, artifact, session)
+    adapter, artifact, model, d = cell_parts(ctx, session, mid, attack, defense)
     system = deployment_system(attack.name, d.system)
     from ..deployment import Deployment
 

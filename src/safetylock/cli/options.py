@@ -46,9 +46,11 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1)]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16), bf16, fp16 or fp32.")]
 DefenseOpt = Annotated[Optional[str], typer.Option("--defense", help="Baseline defense: none, safetylock, iti, "
-                                                   "refusal-direction, self-reminder, safety-sft.")]
+                                                   "refusal-direction, self-reminder, safety-sft, resta, safe-lora, "
+                                                   "guard, gate-refusal (docs/baselines.md).")]
 DefenseFileOpt = Annotated[Optional[Path], typer.Option("--defense-file", help="The defense's artifact: lock file "
-                                                        "(safetylock, iti), direction file or safety-SFT adapter dir.")]
+                                                        "(safetylock, gate-refusal), safety-SFT adapter dir, or a file "
+                                                        "from `safetylock fit-defense`.")]
 ConditionalOpt = Annotated[Optional[bool], typer.Option(
     "--conditional/--baked", help="How --lock applies: at run time, only to prompts its harmfulness probe flags (the "
     "default for a lock with a probe), or baked into the o_proj biases for every prompt (the paper's lock; the default "
