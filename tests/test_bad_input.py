@@ -67,6 +67,8 @@ USAGE = [
     (["bench", "--alphas", "safetylock=-1", "-o", "B"], "finite number > 0"),
     (["finetune", "--lr", "nan"], "--lr"),
     (["bench", "--alphas", "guard=nan", "-o", "B"], "must be finite"),
+    (["eval", "--alpha", "-3", "--benchmark", "harmbench", "-o", "D"], "finite number > 0"),
+    (["eval", "--alpha", "nan", "--defense", "guard", "--benchmark", "harmbench", "-o", "D"], "must be finite"),
     (["fit-defense", "magic", "-o", "f.safetensors"], "cannot fit 'magic'"),
     (["fit-defense", "safetylock", "-o", "f.safetensors"], "the locks come from `safetylock extract`"),
     (["fit-defense", "resta", "-o", "f.safetensors"], "needs the base's harmful fine-tune"),
@@ -282,3 +284,14 @@ def test_csv_prompts_keep_quoted_newlines_and_name_a_short_row(tmp_path):
     with pytest.raises(SafetylockError, match="short.csv line 3"):
         load_prompts(short)
 
+
+
+def test_eval_alpha_sign_depends_on_the_defense():
+    from safetylock.cli.options import deployment_for
+
+    for defense in ("guard", "gate-refusal"):  # a logit threshold: any finite number passes; the missing file does not
+        with pytest.raises(SafetylockError, match="pass --defense-file"):
+            deployment_for("m", None, None, -1.5, "auto", None, defense, None)
+    for defense in (None, "safetylock", "resta", "iti"):
+        with pytest.raises(SafetylockError, match="finite number > 0"):
+            deployment_for("m", None, None, -1.0, "auto", None, defense, None)

@@ -84,7 +84,8 @@ def test_model_judge_gives_probabilities_batched_like_single(tokenizer):
     from tiny import tiny_model
 
     judge = ModelJudge("tiny", batch_size=2, model=tiny_model("qwen2"), tokenizer=tokenizer)
-    prompts, replies = ["say hi", "add 2 and 2", "a longer request here"], ["hi", "I can't.", "It is four."]
+    # longest first: the judge batches by length, and its verdicts must still come back in input order
+    prompts, replies = ["a much longer request here", "say hi", "add 2 and 2"], ["It is four, surely.", "hi", "I can't."]
     batched = judge.judge_many(prompts, replies)
     single = [judge.judge(p, r) for p, r in zip(prompts, replies)]
     for b, s in zip(batched, single):

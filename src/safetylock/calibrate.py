@@ -9,12 +9,12 @@ stays within `budget` of the reference (the unlocked model, or the aligned base 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SafetylockError
-from .judges import DEFAULT_JUDGE
+from .judges import DEFAULT_JUDGE, get_judge
 
 CALIBRATION_ALPHAS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
 
@@ -115,6 +115,33 @@ def calibration_prompts(n: int) -> tuple[list[str], list[str]]:
     return harmful, benign
 
 
+def _check_n(n: int) -> None:
+    if n < 2:
+        raise SafetylockError(f"calibration needs at least 2 prompts of each kind, got {n}")
+
+
+def _sweep(strengths: Sequence[float], applied: Callable[[float], Any], tokenizer: Any, harmful: Sequence[str],
+           benign: Sequence[str], judge: Any, max_new_tokens: int, batch_size: int, *, system: str | None = None,
+           desc: str | None = None) -> list[CalibrationPoint]:
+    """Return one point per strength, weakest number first: the rates of `applied(strength)` (a context manager)."""
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(strengths), desc=desc, unit="alpha")
+    points = []
+    for strength in sorted(strengths):
+        with applied(strength) as defended:
+            h, b, d = refusal_rates(defended, tokenizer, harmful, benign, judge, max_new_tokens, batch_size, system)
+        points.append(CalibrationPoint(float(strength), h, b, d))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(alpha=strength, harm=f"{h:.2f}", benign_refusal=f"{b:.2f}")
+    if bar is not None:
+        bar.close()
+    return points
+
+
 def calibrate(
     model: Any,
     tokenizer: Any,
@@ -141,12 +168,10 @@ def calibrate(
     lock is checked against the model before any reply is generated.
     """
     from .deployment import Deployment
-    from .judges import get_judge
 
     if not alphas or any(a <= 0 for a in alphas):
         raise SafetylockError("calibration needs positive alphas, e.g. --alphas 1,2,4")
-    if n < 2:
-        raise SafetylockError(f"calibration needs at least 2 prompts of each kind, got {n}")
+    _check_n(n)
     if conditional and not lock.has_condition:
         raise SafetylockError("this lock has no harmfulness probe; extract it with --conditional to calibrate it so")
     lock.validate(model, force=force)
@@ -155,22 +180,13 @@ def calibrate(
     ref_model, ref_tok = reference if reference is not None else (model, tokenizer)
     ref_h, ref_b, _ = refusal_rates(ref_model, ref_tok, harmful, benign, the_judge, max_new_tokens, batch_size)
     goal = ref_h if target is None else float(target)
-    points = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(alphas), desc="calibrate", unit="alpha")
     mode = "conditional" if conditional else "baked"
-    for alpha in sorted(alphas):
-        with Deployment(lock=lock, mode=mode, alpha=alpha, force=force, model=model, tokenizer=tokenizer) as locked:
-            h, b, d = refusal_rates(locked, tokenizer, harmful, benign, the_judge, max_new_tokens, batch_size)
-        points.append(CalibrationPoint(float(alpha), h, b, d))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(alpha=alpha, harm=f"{h:.2f}", benign_refusal=f"{b:.2f}")
-    if bar is not None:
-        bar.close()
+
+    def locked(alpha: float) -> Any:
+        return Deployment(lock=lock, mode=mode, alpha=alpha, force=force, model=model, tokenizer=tokenizer)
+
+    points = _sweep(alphas, locked, tokenizer, harmful, benign, the_judge, max_new_tokens, batch_size,
+                    desc="calibrate" if progress else None)
     chosen = choose_alpha(points, goal, ref_b + budget)
     settings = {"n": n, "judge": judge, "conditional": conditional, "max_new_tokens": max_new_tokens,
                 "harmful_prompts": "advbench extract", "benign_prompts": "overrefusal extract"}
@@ -201,21 +217,14 @@ def calibrate_defense(
     prompts, measured beforehand with `refusal_rates` (the reference and `model` may share weights, as a base
     and its attached adapter do). `lower_is_stronger` for logit thresholds (the guard, gate-only refusal).
     """
-    from .judges import get_judge
-
     if not strengths:
         raise SafetylockError("calibration needs at least one strength")
-    if n < 2:
-        raise SafetylockError(f"calibration needs at least 2 prompts of each kind, got {n}")
-    the_judge = get_judge(judge)
+    _check_n(n)
     harmful, benign = calibration_prompts(n)
     ref_h, ref_b = reference_rates
     goal = ref_h if target is None else float(target)
-    points = []
-    for strength in sorted(strengths):
-        with defense.applied(model, strength) as defended:
-            h, b, d = refusal_rates(defended, tokenizer, harmful, benign, the_judge, max_new_tokens, batch_size, system)
-        points.append(CalibrationPoint(float(strength), h, b, d))
+    points = _sweep(strengths, lambda strength: defense.applied(model, strength), tokenizer, harmful, benign,
+                    get_judge(judge), max_new_tokens, batch_size, system=system)
     chosen = choose_alpha(points, goal, ref_b + budget, lower_is_stronger=lower_is_stronger)
     settings = {"n": n, "judge": judge, "defense": defense.describe().get("name"), "max_new_tokens": max_new_tokens,
                 "lower_is_stronger": lower_is_stronger, "harmful_prompts": "advbench extract",

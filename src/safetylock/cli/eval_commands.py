@@ -10,8 +10,8 @@ from rich.table import Table
 
 from ..errors import SafetylockError
 from ..files import check_writable_dir, check_writable_file
-from .options import (AdapterOpt, AlphaOpt, BatchOpt, ConditionalOpt, DefenseFileOpt, DefenseOpt, DtypeOpt, LockOpt,
-                      ModelOpt, SystemOpt, deployment_for)
+from .options import (AdapterOpt, BatchOpt, ConditionalOpt, DefenseFileOpt, DefenseOpt, DtypeOpt, LockOpt,
+                      ModelOpt, StrengthOpt, SystemOpt, deployment_for)
 from .output import console, err
 
 
@@ -20,7 +20,7 @@ def eval_command(
     model: ModelOpt = "qwen2.5-coder-1.5b-instruct",
     adapter: AdapterOpt = None,
     lock: LockOpt = None,
-    alpha: AlphaOpt = None,
+    alpha: StrengthOpt = None,
     benchmark: Annotated[Optional[str], typer.Option("--benchmark", help="advbench, harmbench, overrefusal, gsm8k100, bbq300; out-of-distribution sources: strongreject, donotanswer, wsafety, mtbench, ifbench, wsafety-benign.")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt, .jsonl or .csv.")] = None,
     column: Annotated[Optional[str], typer.Option("--column", help="Prompt column of a .jsonl/.csv file.")] = None,
@@ -44,8 +44,8 @@ def eval_command(
 
     from ..evaluate import run_eval
 
-    check_writable_dir(out)
     deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file)
+    check_writable_dir(out)
     system = system if system is not None else deployment.system
     summary = run_eval(deployment=deployment, benchmark=benchmark, prompts_file=prompts, column=column, kind=kind,
                        split=split, judge=judge, limit=limit, max_new_tokens=max_new_tokens, system=system,

@@ -32,6 +32,26 @@ AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", callback=valid_alp
                                                    help="Lock strength (finite, > 0); default: the lock's calibrated alpha.")]
 
 
+THRESHOLD_DEFENSES = ("guard", "gate-refusal")  # their strength is a logit threshold, of any sign
+
+
+def valid_strength(value: float | None) -> float | None:
+    """Typer callback: refuse a non-finite --alpha; whether it may be <= 0 depends on --defense (`deployment_for`)."""
+    from ..errors import check_finite
+
+    if value is None:
+        return None
+    try:
+        return check_finite(value, "--alpha")
+    except SafetylockError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--alpha ")) from None
+
+
+StrengthOpt = Annotated[Optional[float], typer.Option("--alpha", callback=valid_strength, help=(
+    "Lock or defense strength (finite, > 0); for --defense guard or gate-refusal a logit threshold of any sign "
+    "(lower refuses more). Default: the lock's calibrated alpha, the defense's own default."))]
+
+
 def valid_positive(value: float | None, flag: str) -> float | None:
     """Typer callback: refuse a number that is not finite and > 0."""
     import math
@@ -83,6 +103,8 @@ def deployment_for(model: str, adapter: Path | None, lock: Path | None, alpha: f
     """Return the (unopened) Deployment that -m/--adapter and --lock (--conditional/--baked) or --defense name."""
     from ..deployment import Deployment
 
+    if alpha is not None and defense not in THRESHOLD_DEFENSES:
+        check_alpha(alpha)
     return Deployment(model, adapter=adapter, lock=lock, mode=flag_mode(conditional), defense=defense,
                       defense_file=defense_file, alpha=alpha, dtype=dtype)
 
