@@ -3,7 +3,7 @@
 # as a zero-shot guard (yes-minus-no logit threshold -2 / 0 / 2) and gate-only refusal (the conditional lock's own
 # gate, logit threshold -1 / 0 / 1). Run from the repository root after `make install`; the artifact cache
 # (adapters, vectors, locks, replies, which include replies to harmful prompts) goes to runs/bench-cache, outside
-# git, and a rerun computes only what is missing. Which strength is the calibrated one: bench/calibrate_defenses.py.
+# git, and a rerun computes only what is missing. `--calibrate-on harmful-10` picks and stars the calibrated strength (src/safetylock/bench/calibration.py).
 set -e
 S=.venv/bin/safetylock; M=${M:-qwen2.5-coder-0.5b-instruct}; OUT=${OUT:-bench/repairs-0.5b}
 $S bench --models $M --limit 16 --judge relevance:0.25 --batch-size 16 --cache-dir runs/bench-cache \
