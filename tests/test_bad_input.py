@@ -285,7 +285,6 @@ def test_csv_prompts_keep_quoted_newlines_and_name_a_short_row(tmp_path):
         load_prompts(short)
 
 
-
 def test_eval_alpha_sign_depends_on_the_defense():
     from safetylock.cli.options import deployment_for
 

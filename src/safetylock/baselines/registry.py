@@ -14,6 +14,8 @@ from .safety_sft import SafetySFT
 
 DEFENSES = ("none", "safetylock", "safetylock-conditional", "iti", "refusal-direction", "self-reminder", "safety-sft",
             "resta", "safe-lora", "guard", "gate-refusal")
+# Screens whose strength is a logit threshold of any sign (lower refuses more); every other strength is > 0.
+THRESHOLDED = ("guard", "gate-refusal")
 
 
 def make_defense(name: str, artifact: str | Path | None = None, *, conditional: bool = False,

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..baselines import ITI_ALPHA
+from ..baselines.registry import THRESHOLDED as THRESHOLDED  # re-exported: the bench sweeps these
 from ..errors import SafetylockError, check_alpha, check_finite
 from ..evaluate import DEFAULT_TOKENS
 from ..judges import DEFAULT_JUDGE
@@ -16,9 +17,8 @@ BENCHMARKS = ("harmbench", "advbench", "overrefusal", "gsm8k100", "bbq300")
 DEFAULT_ALPHAS: dict[str, tuple[float, ...]] = {"safetylock": (DEFAULT_ALPHA,), "safetylock-conditional": (DEFAULT_ALPHA,), "iti": (ITI_ALPHA,),
                                                 "refusal-direction": (1.0,), "resta": (RESTA_COEF,),
                                                 "safe-lora": (SAFE_LORA_THRESHOLD,)}
-# Screens whose strength is a logit threshold (any sign): swept only when asked (--alphas guard=-2,0,2); by
+# The screens of THRESHOLDED (a logit threshold, any sign) are swept only when asked (--alphas guard=-2,0,2); by
 # default each keeps the threshold its artifact records.
-THRESHOLDED = ("guard", "gate-refusal")
 SWEPT = (*DEFAULT_ALPHAS, *THRESHOLDED)
 FITTED = ("safetylock", "safetylock-conditional", "iti", "refusal-direction",  # artifacts fitted on the base
           "resta", "safe-lora", "guard", "gate-refusal")  # gate-refusal: the conditional lock's gate; resta / safe-lora: from the base's harmful fine-tune (settings.unaligned)

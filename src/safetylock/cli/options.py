@@ -32,9 +32,6 @@ AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", callback=valid_alp
                                                    help="Lock strength (finite, > 0); default: the lock's calibrated alpha.")]
 
 
-THRESHOLD_DEFENSES = ("guard", "gate-refusal")  # their strength is a logit threshold, of any sign
-
-
 def valid_strength(value: float | None) -> float | None:
     """Typer callback: refuse a non-finite --alpha; whether it may be <= 0 depends on --defense (`deployment_for`)."""
     from ..errors import check_finite
@@ -101,9 +98,10 @@ def lock_mode(conditional: bool | None, lock: Path | None) -> str | None:
 def deployment_for(model: str, adapter: Path | None, lock: Path | None, alpha: float | None, dtype: str,
                    conditional: bool | None, defense: str | None, defense_file: Path | None) -> Deployment:
     """Return the (unopened) Deployment that -m/--adapter and --lock (--conditional/--baked) or --defense name."""
+    from ..baselines.registry import THRESHOLDED
     from ..deployment import Deployment
 
-    if alpha is not None and defense not in THRESHOLD_DEFENSES:
+    if alpha is not None and defense not in THRESHOLDED:
         check_alpha(alpha)
     return Deployment(model, adapter=adapter, lock=lock, mode=flag_mode(conditional), defense=defense,
                       defense_file=defense_file, alpha=alpha, dtype=dtype)
