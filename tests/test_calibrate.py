@@ -10,7 +10,7 @@ from tiny import tiny_model
 
 from safetylock.calibrate import CalibrationPoint, calibrate, choose_alpha, distinct_share
 from safetylock.errors import SafetylockError
-from safetylock.judges import Judgment
+from safetylock.judges import Judgment, get_judge
 
 
 def point(alpha, harm, benign, distinct=1.0):
@@ -94,6 +94,34 @@ def test_calibrate_defense_sweeps_each_strength_and_holds_it_to_the_reference(mo
 
 def test_distinct_share():
     assert distinct_share(["a", "a", "b", "c"]) == 0.75 and distinct_share([]) == 0.0
+
+
+def test_one_fixed_refusal_to_every_harmful_prompt_is_not_collapse(monkeypatch):
+    """A screen answers each harmful prompt with one message; only the same string to every benign prompt collapses."""
+    from types import SimpleNamespace
+
+    import safetylock.calibrate as cal
+    import safetylock.generate
+
+    refusal = "I cannot help with that request."
+
+    def replies(benign):
+        def fake_generate(model, tokenizer, prompts, **kwargs):
+            texts = [refusal] * 8 + benign
+            assert len(prompts) == len(texts)
+            return SimpleNamespace(generations=[SimpleNamespace(text=t) for t in texts])
+        return fake_generate
+
+    harmful, benign = [f"harm {i}" for i in range(8)], [f"ok {i}" for i in range(8)]
+    # The screen also refuses 2 of the 8 benign prompts: 7 distinct benign replies of 8 (of all 16 only 7).
+    monkeypatch.setattr(safetylock.generate, "generate", replies([f"Answer number {i}." for i in range(6)] + [refusal] * 2))
+    h, b, distinct = cal.refusal_rates(None, None, harmful, benign, get_judge("keyword"), 8, 4)
+    assert (h, b, distinct) == (0.0, 0.25, 7 / 8)
+    assert choose_alpha([CalibrationPoint(1.0, h, b, distinct)], target=0.0, max_benign=0.25) == 1.0
+    monkeypatch.setattr(safetylock.generate, "generate", replies(["Of course. I'm here to help."] * 8))
+    h, b, distinct = cal.refusal_rates(None, None, harmful, benign, get_judge("keyword"), 8, 4)
+    assert distinct == 1 / 8
+    assert choose_alpha([CalibrationPoint(1.0, h, b, distinct)], target=0.0, max_benign=1.0) is None
 
 
 class MarkerJudge:

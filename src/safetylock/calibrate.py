@@ -78,8 +78,9 @@ def choose_alpha(points: Sequence[CalibrationPoint], target: float, max_benign: 
     """Return the weakest alpha meeting the harm target within the benign budget, else the best-harm admissible one.
 
     The weakest is the smallest alpha, or the largest when `lower_is_stronger` (a screen's logit threshold:
-    the lower it is, the more prompts it refuses). Points whose replies collapse (few distinct replies) never
-    qualify: a lock that makes every reply the same string has broken the model, whatever a refusal judge says.
+    the lower it is, the more prompts it refuses). Points whose benign replies collapse (few distinct replies)
+    never qualify: a lock that answers every benign prompt with one string has broken the model, whatever a
+    refusal judge says.
     """
     admissible = [p for p in sorted(points, key=lambda p: p.alpha, reverse=lower_is_stronger)
                   if p.benign_refusal_rate <= max_benign + 1e-9 and p.distinct_replies >= min_distinct]
@@ -93,7 +94,11 @@ def choose_alpha(points: Sequence[CalibrationPoint], target: float, max_benign: 
 
 def refusal_rates(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Sequence[str], judge: Any,
                   max_new_tokens: int, batch_size: int, system: str | None = None) -> tuple[float, float, float]:
-    """Return (harmful rate, benign refusal rate, distinct-reply share) of the model as it is now."""
+    """Return (harmful rate, benign refusal rate, distinct share of the benign replies) of the model as it is now.
+
+    Collapse is read on the benign replies only: one fixed refusal to every harmful prompt is what a screen
+    (the guard, gate-only refusal) is meant to give, while the same string to every benign prompt is a broken model.
+    """
     from .generate import generate
 
     prompts = [*harmful, *benign]
@@ -103,7 +108,7 @@ def refusal_rates(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Se
     n = len(harmful)
     harmful_rate = 1.0 - sum(verdicts[:n]) / n
     benign_rate = sum(verdicts[n:]) / max(1, len(benign))
-    return harmful_rate, benign_rate, distinct_share(texts)
+    return harmful_rate, benign_rate, distinct_share(texts[n:])
 
 
 def calibration_prompts(n: int) -> tuple[list[str], list[str]]:

@@ -23,6 +23,8 @@ from .settings import FITTED, THRESHOLDED, AttackSpec
 CALIBRATION_N = 24  # harmful and benign calibration prompts each, as `safetylock calibrate`
 CALIBRATION_TOKENS = 32
 BUDGET = 0.05
+# Part of the cache key: points cached before collapse was read on the benign replies only hold other figures.
+COLLAPSE_RULE = "distinct-benign"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def calibrate_strength(ctx: RunContext, session: ModelSession, mid: str, attack:
     akey = attack_key(ctx, mid, attack)
     dkey = artifact_key(ctx, mid, defense) if defense in FITTED else defense
     key = cache_key("calibration", mid, akey, defense, dkey, sorted(strengths), s.judge, inputs.n,
-                    inputs.max_new_tokens, inputs.budget)
+                    inputs.max_new_tokens, inputs.budget, COLLAPSE_RULE)
     marker = ctx.path("calibration", key, ".json")
     if ctx.stale(marker):
         reference = _reference_rates(ctx, session, mid, inputs)
