@@ -213,7 +213,7 @@ def fit_guard(guard: Any, tokenizer: Any, *, spec: str | None = None, threshold:
 # The defense
 
 
-def _tokenizer_for(spec: str) -> Any:
+def tokenizer_for(spec: str) -> Any:
     from transformers import AutoTokenizer
 
     from .models import model_source, resolve_spec
@@ -291,7 +291,7 @@ class GuardDefense(Defense):
         if spec is None:
             raise SafetylockError("the guard needs the defended model's tokenizer and the model carries no spec; "
                                   "pass GuardDefense(..., tokenizer=)")
-        self.tokenizer = _tokenizer_for(str(spec))
+        self.tokenizer = tokenizer_for(str(spec))
         return self.tokenizer
 
     @contextlib.contextmanager

@@ -34,11 +34,12 @@ import torch
 from .errors import SafetylockError
 from .judges import DEFAULT_JUDGE
 from .files import sha256_text, write_json
-from .ood_report import meets_bar, ood_markdown, reads_base, write_ood_plot
+from .ood_report import asks_base, base_tokens, meets_bar, ood_markdown, reads_base, write_ood_plot
 from .screen import REFUSAL_MESSAGE
 from .stats import wilson
 
-DESIGNS = ("builtin", "heads:8", "all", "all@deployed:0.05", "refusal:heads:8", "refusal:all", "refusal:all@deployed:0.05")
+DESIGNS = ("builtin", "heads:8", "all", "all@deployed:0.05", "refusal:heads:8", "refusal:all", "refusal:all@deployed:0.05",
+           "base-refuses")
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,9 @@ def run_ood(settings: OODSettings, outdir: str | Path) -> dict[str, Any]:
     from .gates import installed_gate, parse_design
 
     for design in settings.designs:
-        if design != "builtin":
+        if asks_base(design):
+            base_tokens(design)
+        elif design != "builtin":
             parse_design(design)
     for name in settings.prompt_attacks:
         get_prompt_attack(name)
@@ -259,7 +262,7 @@ def run_ood(settings: OODSettings, outdir: str | Path) -> dict[str, Any]:
     chats = [format_chat(tokenizer, t, settings.system) for t in pool.texts]
     feats = {"base": _features(run, "base", base, tokenizer, chats, n_template),
              "fine-tune": _features(run, "fine-tune", ft, tokenizer, chats, n_template)}
-    if any(parse_design(d).labels == "refusal" for d in settings.designs if d != "builtin"):
+    if any(parse_design(d).labels == "refusal" for d in settings.designs if d != "builtin" and not asks_base(d)):
         _label_base_refusals(run, pool, base, tokenizer)
     all_lock = _fold_lock(run, base, tokenizer, None)
     builtin = _builtin_gate(base, tokenizer, all_lock, settings.seed) if "builtin" in settings.designs else None
@@ -280,6 +283,11 @@ def run_ood(settings: OODSettings, outdir: str | Path) -> dict[str, Any]:
         entry: dict[str, Any] = {"kind": "harmful" if harmful else "benign", "n": len(prompts),
                                  **{k: _cell(v, harmful) for k, v in rows.items()}, "gates": {}}
         for design in settings.designs:
+            if asks_base(design):
+                fired = _base_refuses(design, tokenizer, rows["base"], None)
+                entry["gates"][design] = {**_compose(rows["fine-tune"], rows["baked"], fired, harmful),
+                                          "fired_on_base": _rate(int(fired.sum()), len(fired)), "in_distribution": False}
+                continue
             scores = _gate_scores(design, pool, fit_idx, feats, builtin_fit, settings.seed)
             fired_ft = scores["fine-tune"][eval_idx] > 0
             fired_base = scores["base"][eval_idx] > 0
@@ -309,6 +317,10 @@ def run_ood(settings: OODSettings, outdir: str | Path) -> dict[str, Any]:
             cell: dict[str, Any] = {"n": len(prompts), **{k: _cell(v, True) for k, v in rows.items()}, "gates": {}}
             fit_idx = pool.where(split="extract", not_source=source)
             for design in settings.designs:
+                if asks_base(design):
+                    fired = _base_refuses(design, tokenizer, rows["base"], attack)
+                    cell["gates"][design] = _compose(rows["fine-tune"], rows["baked"], fired, True)
+                    continue
                 gate = builtin_fit if design == "builtin" else _fit(design, pool, fit_idx, feats, settings.seed)
                 assert gate is not None
                 fired = gate.scores(a_feats["fine-tune"]) > 0
@@ -336,6 +348,17 @@ class _P:
 
 def _tag(lock: Any) -> str:
     return sha256_text(json.dumps(lock.metadata.get("fit_sources", []))).__str__()[:10]
+
+
+def _base_refuses(design: str, tokenizer: Any, base_rows: Sequence[dict[str, Any]], attack: Any) -> np.ndarray:
+    """Return where the base-refusal screen fires: the base's own reply (its continuation after any prefill,
+    which the runtime screen generates) opens with a refusal marker within the design's token count."""
+    from .base_refusal import refusal_flags
+
+    prefill = getattr(attack, "prefill", None) or ""
+    replies = [r["response"][len(prefill):] if prefill and r["response"].startswith(prefill) else r["response"]
+               for r in base_rows]
+    return np.asarray(refusal_flags(tokenizer, replies, base_tokens(design)), dtype=bool)
 
 
 _FIT_CACHE: dict[tuple[str, tuple[int, ...]], Any] = {}
@@ -379,8 +402,8 @@ def _verify(run: _Run, pool: _Pool, feats: dict[str, torch.Tensor], ft: Any, tok
     from .data import OOD_HARMFUL
     from .gates import with_gate
 
-    design = settings.verify_design or next((d for d in settings.designs if d != "builtin"), None)
-    if design is None or design == "builtin":
+    design = settings.verify_design or next((d for d in settings.designs if d != "builtin" and not asks_base(d)), None)
+    if design is None or design == "builtin" or asks_base(design):
         return {}
     readings: dict[str, Any] = {}
     for reads, feats_of in (("model", "fine-tune"), ("base", "base")):

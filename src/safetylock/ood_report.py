@@ -13,10 +13,33 @@ def _rate_text(cell: dict[str, Any] | None) -> str:
     return f"{cell['rate']:.2f} [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]"
 
 
+BASE_DESIGN = "base-refuses"  # not a fitted gate: the base's own first reply tokens (base_refusal.py)
+
+
+def asks_base(design: str) -> bool:
+    """Whether the design is the base-refusal screen ('base-refuses' or 'base-refuses:TOKENS'), not a gate."""
+    return design == BASE_DESIGN or design.startswith(BASE_DESIGN + ":")
+
+
+def base_tokens(design: str) -> int:
+    """Return how many of the base's reply tokens a base-refusal design reads (raise on a bad count)."""
+    from .base_refusal import BASE_REFUSAL_TOKENS, check_tokens
+
+    _, _, count = design.partition(":")
+    if not count:
+        return BASE_REFUSAL_TOKENS
+    return check_tokens(int(count) if count.isdigit() else count)
+
+
 def reads_base(design: str) -> bool:
-    """Whether the design is also composed reading the base (the adapter switched off for the decision): a
-    `deployed:` threshold is set on the fine-tune's own features, so it only reads the fine-tune."""
-    return "@deployed:" not in design
+    """Whether the design is also composed with a gate reading the base (the adapter switched off for the
+    decision): a `deployed:` threshold is set on the fine-tune's own features, so it only reads the fine-tune;
+    the base-refusal screen asks the base by construction and has that one reading."""
+    return "@deployed:" not in design and not asks_base(design)
+
+
+def _reading(design: str) -> str:
+    return "asks the base" if asks_base(design) else "reads the fine-tune"
 
 
 def write_ood_plot(result: dict[str, Any], path: str | Path, design: str | None = None) -> Path:
@@ -68,10 +91,10 @@ def _readings(result: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """Return (label, design, getter) for the baked lock and every design's conditional readings."""
     out: list[tuple[str, str, Any]] = [("baked lock (every prompt)", "", lambda e: e["baked"])]
     for d in result["settings"]["designs"]:
-        out.append((f"conditional {d}, reads the fine-tune", d, lambda e, d=d: e["gates"][d]["conditional"]))
+        out.append((f"conditional {d}, {_reading(d)}", d, lambda e, d=d: e["gates"][d]["conditional"]))
         if reads_base(d):
             out.append((f"conditional {d}, reads the base", d, lambda e, d=d: e["gates"][d]["reads-base"]["conditional"]))
-        out.append((f"gate-only {d}, reads the fine-tune", d, lambda e, d=d: e["gates"][d]["gate-only"]))
+        out.append((f"gate-only {d}, {_reading(d)}", d, lambda e, d=d: e["gates"][d]["gate-only"]))
     return out
 
 
@@ -115,8 +138,9 @@ def ood_markdown(result: dict[str, Any]) -> str:
                      f"{_rate_text(e['baked'])} |")
     for d in s["designs"]:
         base_read = reads_base(d)
-        head = ["source", "n", "base", "conditional, reads ft"] + (["conditional, reads base"] if base_read else []) + \
-            ["gate-only, reads ft", "fires on ft", "fires on base"]
+        ft = "asks base" if asks_base(d) else "reads ft"
+        head = ["source", "n", "base", f"conditional, {ft}"] + (["conditional, reads base"] if base_read else []) + \
+            [f"gate-only, {ft}", "fires on ft" if not asks_base(d) else "fires", "fires on base"]
         lines += ["", f"## Gate {d}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for source, e in result["sources"].items():
             g = e["gates"][d]

@@ -23,6 +23,8 @@ what it did before once the block exits (hooks removed, baked biases restored, c
 | gate-refusal      | the conditional lock's gate alone: a flagged prompt gets a fixed refusal message  | lock .safetensors     |
 | guard             | the base as a zero-shot prompt screen; flagged prompts get a fixed refusal        | guard .safetensors    |
 |                   | (`guard`, `screen.forced_reply`)                                                  |                       |
+| base-refusal      | the base's own first 12 reply tokens (the adapter off) refuse: a fixed refusal;    | -                     |
+|                   | otherwise the fine-tune's reply (`base_refusal`; needs the fine-tune as adapter)  |                       |
 
 Every artifact is safetensors plus JSON metadata naming the model it was fitted on (its fingerprint);
 loading refuses a file of another format or version, applying refuses a model of another shape.
@@ -34,7 +36,8 @@ One file per concern:
     refusal_direction  the refusal direction (`fit_refusal_direction`, `RefusalDirection`, its defense)
     safety_sft         safety SFT (`train_safety_sft`, `SafetySFT`)
     registry           every defense by name (`DEFENSES`, `make_defense`)
-RESTA, Safe LoRA (`repair`) and the guard (`guard`) implement `Defense` in their own modules.
+RESTA, Safe LoRA (`repair`), the guard (`guard`) and the base-refusal screen (`base_refusal`) implement
+`Defense` in their own modules.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from .refusal_direction import RefusalDirection, RefusalDirectionDefense
 from .safety_sft import SafetySFT
 
 DEFENSES = ("none", "safetylock", "safetylock-conditional", "iti", "refusal-direction", "self-reminder", "safety-sft",
-            "resta", "safe-lora", "guard", "gate-refusal")
+            "resta", "safe-lora", "guard", "gate-refusal", "base-refusal")
 # Screens whose strength is a logit threshold of any sign (lower refuses more); every other strength is > 0.
 THRESHOLDED = ("guard", "gate-refusal")
 
@@ -37,6 +37,10 @@ def make_defense(name: str, artifact: str | Path | None = None, *, conditional: 
         return NoDefense()
     if name == "self-reminder":
         return SelfReminder(system or SELF_REMINDER)
+    if name == "base-refusal":  # no artifact: the base's own first reply tokens decide (base_refusal.py)
+        from ..base_refusal import BaseRefusal
+
+        return BaseRefusal()
     assert artifact is not None
     if name == "safetylock":
         return LockDefense(Lock.load(artifact), conditional=conditional, force=force)

@@ -173,6 +173,11 @@ def _cell(ctx: RunContext, session: ModelSession, mid: str, attack: AttackSpec, 
         dkey: Any = (defense, artifact_key(ctx, mid, defense))
     elif defense == "safety-sft":
         dkey = (defense, cache_key("safety-sft", akey, s.fit_prompts, s.sft_steps, s.sft_batch, s.sft_lr, s.seed))
+    elif defense == "base-refusal":
+        from ..base_refusal import BASE_REFUSAL_TOKENS
+        from ..screen import REFUSAL_MESSAGE
+
+        dkey = (defense, BASE_REFUSAL_TOKENS, REFUSAL_MESSAGE)
     else:
         dkey = (defense, SELF_REMINDER if defense == "self-reminder" else None)
     eval_inputs = {k: v for k, v in asdict(s).items() if k in ("limit", "judge", "benchmarks", "max_new_tokens",

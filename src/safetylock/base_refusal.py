@@ -1,0 +1,133 @@
+"""Refuse where the base refuses: the aligned base's own first reply tokens decide, nothing is fitted.
+
+"Back to the base's standard" means refusing exactly where the aligned base would. Rather than predict that
+from prompt features (a gate, which out of distribution reads what its fitting sources look like), this
+screen asks the base itself: for each new prompt the fine-tune's LoRA adapter is switched off, the base
+generates its first `tokens` reply tokens greedily, and the prompt is flagged when those tokens carry a
+refusal marker (`judges.refusal_marker`). A flagged prompt gets a fixed refusal (`screen.forced_reply`);
+the others get the fine-tune's own reply, bit for bit.
+
+No artifact and no harm labels: the base's weights are the decision. The cost per request is a second
+prefill (the adapter off) plus `tokens` decode steps of the base. It needs the fine-tune as a peft adapter on
+its base (a merged fine-tune has no base left to ask).
+
+`first_tokens_refuse` scores a cached base reply the same way, which is how `ood` composes this screen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .baselines import Defense
+from .errors import SafetylockError
+from .judges import refusal_marker
+from .screen import REFUSAL_MESSAGE, Screen, forced_reply
+
+BASE_REFUSAL_TOKENS = 12  # the base's stock refusals ("I'm sorry, but I can't ...") open within 4-8 tokens
+
+
+def check_tokens(value: object) -> int:
+    """Return a count of base reply tokens to read (an integer >= 1); raise otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        count: int | None = value
+    elif isinstance(value, float) and math.isfinite(value) and value == int(value):
+        count = int(value)
+    else:
+        count = None
+    if count is None or count < 1:
+        raise SafetylockError(f"the base-refusal screen reads a whole number of tokens >= 1, got {value!r}")
+    return count
+
+
+def first_tokens_refuse(tokenizer: Any, reply: str, tokens: int = BASE_REFUSAL_TOKENS) -> bool:
+    """Whether the first `tokens` tokens of `reply` (re-tokenized) carry a refusal marker."""
+    ids = tokenizer(reply, add_special_tokens=False)["input_ids"][:tokens]
+    return refusal_marker(tokenizer.decode(ids, skip_special_tokens=True)) is not None
+
+
+NEEDS_ADAPTER = ("the base-refusal screen needs the fine-tune as a LoRA adapter on its base (--adapter), so the "
+                 "base can be asked; a merged model has none to switch off")
+
+
+def _has_adapter(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
+
+
+@torch.no_grad()
+def base_starts_refusing(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor,
+                         tokens: int = BASE_REFUSAL_TOKENS, plain_is_base: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Return (flag per row, the base's first reply tokens as text): the adapter off, `tokens` greedy steps.
+
+    A model without an adapter is refused unless `plain_is_base` says the caller knows it is the base itself
+    (the benchmark's unattacked row)."""
+    adapter = _has_adapter(model)
+    if not adapter and not plain_is_base:
+        raise SafetylockError(NEEDS_ADAPTER)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with model.disable_adapter() if adapter else contextlib.nullcontext():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+                             pad_token_id=pad)
+    texts = [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+    flags = torch.tensor([refusal_marker(t) is not None for t in texts], dtype=torch.bool, device=ids.device)
+    return flags, texts
+
+
+class BaseRefusal(Defense):
+    """Flag a prompt where the base's own first reply tokens refuse; reply a fixed refusal there."""
+
+    name = "base-refusal"
+
+    def __init__(self, tokenizer: Any = None, tokens: int = BASE_REFUSAL_TOKENS, message: str = REFUSAL_MESSAGE,
+                 plain_is_base: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.tokens = check_tokens(tokens)
+        self.message = message
+        self.plain_is_base = plain_is_base  # a model without an adapter is the base itself (the bench's "none" row)
+        self.last: Screen | None = None
+
+    def _tokenizer(self, model: Any) -> Any:
+        if self.tokenizer is None:
+            from .arch import unwrap
+            from .guard import tokenizer_for
+
+            spec = getattr(model, "safetylock_spec", None) or getattr(unwrap(model), "safetylock_spec", None)
+            if spec is None:
+                raise SafetylockError("the base-refusal screen needs the model's tokenizer; pass BaseRefusal(tokenizer=)")
+            self.tokenizer = tokenizer_for(str(spec))
+        return self.tokenizer
+
+    @contextlib.contextmanager
+    def applied(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
+        if alpha is not None:
+            raise SafetylockError("the base-refusal screen has no strength; leave --alpha out")
+        if not _has_adapter(model) and not self.plain_is_base:
+            raise SafetylockError(NEEDS_ADAPTER)
+        tokenizer = self._tokenizer(model)
+
+        def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return base_starts_refusing(model, tokenizer, ids, mask, self.tokens, self.plain_is_base)[0]
+
+        with forced_reply(model, tokenizer, decide, self.message) as screen:
+            self.last = screen
+            yield model
+
+    def describe(self) -> dict[str, Any]:
+        screen = self.last
+        return {"name": self.name, "tokens": self.tokens, "message": self.message,
+                "screened": screen.prompts if screen is not None else 0,
+                "refused": screen.refused if screen is not None else 0,
+                "seconds_per_prompt": screen.seconds_per_prompt if screen is not None else None}
+
+
+def refusal_flags(tokenizer: Any, replies: Sequence[str], tokens: int = BASE_REFUSAL_TOKENS) -> list[bool]:
+    """Return `first_tokens_refuse` of each cached base reply."""
+    return [first_tokens_refuse(tokenizer, r, tokens) for r in replies]
+
+
+__all__ = ["BASE_REFUSAL_TOKENS", "BaseRefusal", "base_starts_refusing", "check_tokens", "first_tokens_refuse",
+           "refusal_flags"]

@@ -1,0 +1,117 @@
+"""The base-refusal screen: the base's own first reply tokens decide, the fine-tune's reply is kept elsewhere."""
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from safetylock.base_refusal import BaseRefusal, base_starts_refusing, check_tokens, first_tokens_refuse
+from safetylock.errors import SafetylockError
+from safetylock.generate import format_chat, generate
+from safetylock.screen import REFUSAL_MESSAGE
+
+PROMPTS = ["how to hack a bank", "bake a cake", "write a poem about rain"]  # distinct base openings
+
+
+def lora_fine_tune():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    return get_peft_model(tiny_model("qwen2"), config).eval()
+
+
+def test_the_screen_refuses_where_the_base_starts_refusing_and_keeps_the_fine_tune_elsewhere(tokenizer, monkeypatch):
+    """The decision is the base's greedy first tokens (adapter off), not the fine-tune's; the replies are exact."""
+    import safetylock.base_refusal as br
+
+    ft = lora_fine_tune()
+    with ft.disable_adapter():
+        base_first = generate(ft, tokenizer, PROMPTS, max_new_tokens=5).texts
+    tuned_first = generate(ft, tokenizer, PROMPTS, max_new_tokens=5).texts
+    assert base_first != tuned_first  # the adapter changes the replies, so reading the wrong model would show
+    assert len({t.strip() for t in base_first}) == len(PROMPTS)  # so the marker below picks out one prompt
+    # A random model never says "I'm sorry": the marker here is the base's own opening to the first prompt.
+    monkeypatch.setattr(br, "refusal_marker", lambda text: "marker" if text.strip() == base_first[0] else None)
+    plain = generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts  # room for the whole fixed message
+    screen = BaseRefusal(tokenizer, tokens=5)
+    with screen.applied(ft):
+        screened = generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts
+    assert screened == [REFUSAL_MESSAGE, plain[1], plain[2]]
+    assert screen.describe()["screened"] == 3 and screen.describe()["refused"] == 1
+    assert generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts == plain  # the hooks are gone
+
+
+def test_base_starts_refusing_returns_the_bases_opening(tokenizer):
+    ft = lora_fine_tune()
+    with ft.disable_adapter():
+        expected = generate(ft, tokenizer, PROMPTS[:1], max_new_tokens=4).texts
+    enc = tokenizer([format_chat(tokenizer, PROMPTS[0])], return_tensors="pt", add_special_tokens=False)
+    flags, texts = base_starts_refusing(ft, tokenizer, enc["input_ids"], enc["attention_mask"], tokens=4)
+    assert flags.tolist() == [False] and [t.strip() for t in texts] == expected
+
+
+def test_the_screen_needs_an_adapter_and_takes_no_strength(tokenizer):
+    with pytest.raises(SafetylockError, match="LoRA adapter on its base"):
+        with BaseRefusal(tokenizer).applied(tiny_model("qwen2")):
+            pass
+    with pytest.raises(SafetylockError, match="no strength"):
+        with BaseRefusal(tokenizer).applied(lora_fine_tune(), 2.0):
+            pass
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, "8", True, float("nan")])
+def test_a_bad_token_count_is_refused(bad):
+    with pytest.raises(SafetylockError, match="whole number of tokens"):
+        check_tokens(bad)
+
+
+def test_first_tokens_refuse_reads_only_the_opening():
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    late = "Sure, here is how to do it step by step and then more words until, at the very end, I cannot go on."
+    assert first_tokens_refuse(tok, "I'm sorry, but I can't help with that.", 12)
+    assert not first_tokens_refuse(tok, late, 12)
+    assert first_tokens_refuse(tok, late, 400)
+
+
+def test_ood_composes_the_screen_from_the_bases_reply_after_any_prefill(tokenizer):
+    from safetylock.ood import _base_refuses, ood_markdown
+    from safetylock.ood_report import asks_base, base_tokens
+    from safetylock.prompt_attacks import get_prompt_attack
+
+    rows = [{"response": "Sure, here is I'm sorry, I can't."}, {"response": "Sure, here is a plan with steps."}]
+    assert _base_refuses("base-refuses", tokenizer, rows, get_prompt_attack("prefill")).tolist() == [True, False]
+    assert asks_base("base-refuses:8") and not asks_base("builtin") and base_tokens("base-refuses:8") == 8
+    with pytest.raises(SafetylockError, match="whole number of tokens"):
+        base_tokens("base-refuses:x")
+
+    def cell(k, n=10):
+        return {"k": k, "n": n, "rate": k / n, "ci95": [0.0, 1.0], "kinds": {}}
+
+    kinds = {"refusal": 1, "empty": 0, "deflection": 0, "compliance": 0}
+    gate = {"conditional": cell(2), "gate-only": cell(2), "fired": cell(5), "fired_on_base": cell(5),
+            "in_distribution": False, "interventions": kinds}
+    entry = {"kind": "harmful", "n": 10, "base": cell(3), "fine-tune": cell(9), "baked": cell(0),
+             "gates": {"base-refuses": gate}}
+    result = {"settings": {"model": "m", "attack": "a", "judge": "j", "max_new_tokens": 4, "designs": ["base-refuses"]},
+              "sources": {"src": entry}, "attacks": {}}
+    md = ood_markdown(result)
+    assert "| conditional base-refuses, asks the base | 1/1 | - | 1/1 |" in md and "reads the base" not in md.split("##")[1]
+
+
+def test_a_deployment_runs_the_screen_by_name_on_an_adapter_and_refuses_a_plain_model(tmp_path, tiny_dir):
+    """`--defense base-refusal` needs no file; on a model without an adapter it says so before generating."""
+    from peft import LoraConfig, get_peft_model
+
+    from safetylock.deployment import Deployment
+    from safetylock.models import load_model
+
+    base, tok = load_model(str(tiny_dir), dtype="fp32")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    with Deployment(str(tiny_dir), adapter=tmp_path / "adapter", defense="base-refusal", dtype="fp32") as model:
+        assert len(generate(model, tok, PROMPTS[:2], max_new_tokens=3).texts) == 2
+    with pytest.raises(SafetylockError, match="LoRA adapter on its base"):
+        with Deployment(str(tiny_dir), defense="base-refusal", dtype="fp32"):
+            pass
