@@ -10,6 +10,7 @@ from typing import Any
 _PUBLIC = {
     "baselines": ("DEFENSES", "Defense", "RefusalDirection", "fit_iti", "fit_refusal_direction", "make_defense",
                   "train_safety_sft"),
+    "base_refusal": ("BaseRefusal",),
     "bench": ("BenchSettings", "run_bench"),
     "calibrate": ("calibrate_defense",),
     "data": ("contrast_pairs", "load_benchmark"),

@@ -160,7 +160,8 @@ def ood_markdown(result: dict[str, Any]) -> str:
                            e["gates"][d][key]["interventions"])[k]
                           for e in result["sources"].values() if e["kind"] == "harmful") for k in kinds}
             n = sum(tot.values())
-            lines.append(f"| {d} | {reads} | " + " | ".join(f"{v}/{n}" for v in tot.values()) + " |")
+            label = "base (asks it)" if asks_base(d) else reads
+            lines.append(f"| {d} | {label} | " + " | ".join(f"{v}/{n}" for v in tot.values()) + " |")
     if result.get("verify"):
         v = result["verify"]
         for reads, r in v.get("readings", {}).items():
@@ -170,7 +171,7 @@ def ood_markdown(result: dict[str, Any]) -> str:
     cols = [(d, "ft") for d in s["designs"]] + [(d, "base") for d in s["designs"] if reads_base(d)]
     for name, per_source in result.get("attacks", {}).items():
         lines += ["", f"## Prompt attack: {name}", "",
-                  "| source | n | base | fine-tune | baked lock | " + " | ".join(f"{d} ({r})" for d, r in cols) + " |",
+                  "| source | n | base | fine-tune | baked lock | " + " | ".join(f"{d} ({'asks base' if asks_base(d) else r})" for d, r in cols) + " |",
                   "|" + "---|" * (5 + len(cols))]
         for source, c in per_source.items():
             got = [c["gates"][d]["conditional"] if r == "ft" else c["gates"][d].get("reads-base", {}).get("conditional")
