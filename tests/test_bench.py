@@ -77,6 +77,18 @@ def test_micro_grid_end_to_end_then_fully_cached(tmp_path, tiny_dir):
     assert [c.split()[0] for c in third["computed"]] == ["cell", "cell"]
 
 
+def test_the_base_refusal_screen_is_a_bench_defense_on_the_base_and_on_a_fine_tune(tmp_path, tiny_dir):
+    """No artifact; on the unattacked row the model is the base itself, on the attacked one it asks the base."""
+    args = dict(alphas={}, settings=MICRO, loader=counting_loader([]), progress=False)
+    first = run_bench([str(tiny_dir)], ["none", "harmful-10@1"], ["base-refusal"], tmp_path / "b", **args)
+    rows = first["rows"]
+    assert [(r["attack"], r["defense"], r["alpha"]) for r in rows] == [("none", "base-refusal", None),
+                                                                      ("harmful-10@1", "base-refusal", None)]
+    assert all(0.0 <= r["harmbench"] <= 1.0 and r["harmbench_n"] == 2 for r in rows)
+    again = run_bench([str(tiny_dir)], ["none", "harmful-10@1"], ["base-refusal"], tmp_path / "b", **args)
+    assert again["computed"] == [] and all(r["cached"] for r in again["rows"])
+
+
 def test_calibrate_on_picks_a_swept_strength_marks_its_rows_and_is_cached(tmp_path, tiny_dir):
     calls: list[str] = []
     args = dict(alphas={"safetylock": [1.0, 4.0], "gate-refusal": [-1.0, 1.0]}, settings=MICRO,
