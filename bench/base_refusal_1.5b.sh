@@ -8,9 +8,10 @@ set -euo pipefail
 M=${M:-qwen2.5-coder-1.5b-instruct}
 OUT=${OUT:-bench/base-refusal-1.5b}
 ATTACKS=${ATTACKS:-harmful-10 aoa}  # ATTACKS="harmful-10 aoa benign" adds the benign fine-tune (not run yet)
+FT_PREFIX=${FT_PREFIX:-runs/ft/1.5b}  # fine-tunes of M: set it with M, or another model reuses the 1.5B adapters
 adapters=()
 for a in $ATTACKS; do
-  ft=runs/ft/1.5b-$a
+  ft=$FT_PREFIX-$a
   [ -f "$ft/result.json" ] || safetylock finetune -m "$M" --attack "$a" -o "$ft"
   adapters+=(--adapter "$a=$ft")
 done
