@@ -576,3 +576,57 @@ def test_conditional_serving_needs_a_lock_with_a_harmfulness_probe(tmp_path, tok
     lock_path = make_lock(tmp_path / "base", tmp_path / "lock.safetensors")
     with pytest.raises(SafetylockError, match="no harmfulness probe"):
         Engine.from_spec(str(tmp_path / "base"), lock_path, dtype="fp32", device="cpu", conditional=True)
+
+
+def test_base_refusal_screen_answers_where_the_served_base_refuses_and_passes_the_rest(world, monkeypatch):
+    """Adapter requests the served base (adapter off) starts to refuse get the fixed refusal; the others, and every
+    request to the base, are served exactly as without the screen."""
+    import safetylock.serve.engine as engine_module
+    from safetylock.screen import REFUSAL_MESSAGE
+
+    tokens, refuses = 6, []  # stand in for a refusal marker: base openings listed in `refuses` count as refusing
+    monkeypatch.setattr(engine_module, "refusing",
+                        lambda texts, device=None: torch.tensor([t in refuses for t in texts], dtype=torch.bool))
+    # A weak lock: the fixture's strong one makes the tiny base open every reply alike.
+    engine = Engine.from_spec(str(world.base_dir), world.lock, adapters={"tuned": str(world.adapter)}, dtype="fp32",
+                              device="cpu", max_batch=16, batch_window=0.05, base_refusal=tokens, alpha=0.01)
+    try:
+        with serve_in_thread(engine) as url:
+            served = SimpleNamespace(url=url, base=engine.name)
+            openings = {p: reply(served, p, max_tokens=tokens) for p in PROMPTS}  # base requests: not screened
+            long = 2 * len(REFUSAL_MESSAGE)  # room for the whole message in the tiny byte-level vocabulary
+            tuned = {p: reply(served, p, model="tuned", max_tokens=long) for p in PROMPTS}  # nothing refuses yet
+            assert tuned != {p: reply(served, p, max_tokens=long) for p in PROMPTS}  # the adapter is on for "tuned"
+            assert len(set(openings.values())) > 1
+            refuses.append(openings[PROMPTS[-1]])
+            flagged = {p for p in PROMPTS if openings[p] in refuses}
+            before = metrics(served)
+            with ThreadPoolExecutor(max_workers=4) as pool:  # one batch: flagged and unflagged rows together
+                got = dict(zip(PROMPTS, pool.map(lambda p: reply(served, p, model="tuned", max_tokens=long), PROMPTS)))
+            assert {p: got[p] for p in flagged} == {p: REFUSAL_MESSAGE for p in flagged}
+            assert {p: got[p] for p in PROMPTS if p not in flagged} == {p: tuned[p] for p in PROMPTS if p not in flagged}
+            assert {p: reply(served, p, max_tokens=tokens) for p in PROMPTS} == openings
+            short = chat(served, PROMPTS[-1], model="tuned", max_tokens=2).json()["choices"][0]
+            assert short["finish_reason"] == "length" and REFUSAL_MESSAGE.startswith(short["message"]["content"])
+            assert 0 < len(short["message"]["content"]) < len(REFUSAL_MESSAGE)
+            after = metrics(served)
+            assert after["screened_requests"] - before["screened_requests"] == len(PROMPTS) + 1
+            assert after["screen_refusals"] - before["screen_refusals"] == len(flagged) + 1
+            assert f"safetylock_screen_refusals_total {after['screen_refusals']}" in httpx.get(f"{url}/metrics").text
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("tokens", [0, -3, 2.5, True])
+def test_base_refusal_screen_refuses_a_token_count_that_is_not_a_whole_number_over_zero(world, tokens):
+    with pytest.raises(SafetylockError, match="whole number of tokens"):
+        Engine.from_spec(str(world.base_dir), world.lock, dtype="fp32", device="cpu", base_refusal=tokens)
+
+
+def test_serve_cli_default_screen_width_is_the_library_default():
+    import inspect
+
+    from safetylock.base_refusal import BASE_REFUSAL_TOKENS
+    from safetylock.cli.serve_commands import serve_command
+
+    assert inspect.signature(serve_command).parameters["base_refusal_tokens"].default == BASE_REFUSAL_TOKENS

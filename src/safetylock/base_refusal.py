@@ -65,16 +65,25 @@ def base_starts_refusing(model: Any, tokenizer: Any, ids: torch.Tensor, mask: to
 
     A model without an adapter is refused unless `plain_is_base` says the caller knows it is the base itself
     (the benchmark's unattacked row)."""
-    adapter = _has_adapter(model)
-    if not adapter and not plain_is_base:
+    if not _has_adapter(model) and not plain_is_base:
         raise SafetylockError(NEEDS_ADAPTER)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with model.disable_adapter() if adapter else contextlib.nullcontext():
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in base_reply_ids(model, ids, mask, tokens, pad)]
+    return refusing(texts, ids.device), texts
+
+
+@torch.no_grad()
+def base_reply_ids(model: Any, ids: torch.Tensor, mask: torch.Tensor, tokens: int, pad_id: int) -> torch.Tensor:
+    """Return the base's first `tokens` greedy reply ids per row (pad after an early end): the adapter, if any, off."""
+    with model.disable_adapter() if _has_adapter(model) else contextlib.nullcontext():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
-                             pad_token_id=pad)
-    texts = [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
-    flags = torch.tensor([refusal_marker(t) is not None for t in texts], dtype=torch.bool, device=ids.device)
-    return flags, texts
+                             pad_token_id=pad_id)
+    return out[:, ids.shape[1]:]
+
+
+def refusing(texts: Sequence[str], device: Any = None) -> torch.Tensor:
+    """Return a bool flag per reply text: whether it carries a refusal marker."""
+    return torch.tensor([refusal_marker(t) is not None for t in texts], dtype=torch.bool, device=device)
 
 
 class BaseRefusal(Defense):
@@ -129,5 +138,5 @@ def refusal_flags(tokenizer: Any, replies: Sequence[str], tokens: int = BASE_REF
     return [first_tokens_refuse(tokenizer, r, tokens) for r in replies]
 
 
-__all__ = ["BASE_REFUSAL_TOKENS", "BaseRefusal", "base_starts_refusing", "check_tokens", "first_tokens_refuse",
-           "refusal_flags"]
+__all__ = ["BASE_REFUSAL_TOKENS", "BaseRefusal", "base_reply_ids", "base_starts_refusing", "check_tokens",
+           "first_tokens_refuse", "refusal_flags", "refusing"]

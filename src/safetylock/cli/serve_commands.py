@@ -33,6 +33,11 @@ def serve_command(
     conditional: Annotated[Optional[bool], typer.Option(
         "--conditional/--baked", help="Apply the lock at run time, only to requests its harmfulness probe flags (the "
         "default for a lock with a probe), or bake it into the base for every request.")] = None,
+    base_refusal: Annotated[bool, typer.Option(
+        "--base-refusal/--no-base-refusal", help="Screen adapter requests: the served base (the adapter off) writes its "
+        "first reply tokens, and where they refuse the request gets a fixed refusal (docs/baselines.md).")] = False,
+    base_refusal_tokens: Annotated[int, typer.Option("--base-refusal-tokens", min=1,
+                                                     help="Base reply tokens the screen reads.")] = 12,
 ) -> None:
     """Serve the locked base and its adapters with OpenAI's chat-completions API."""
     from ..serve import Engine, parse_adapter_specs, read_admin_token, serve
@@ -40,8 +45,11 @@ def serve_command(
     admin_token = read_admin_token(admin_token, admin_token_file)
     engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
                               name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
-                              force=force, conditional=conditional)
+                              force=force, conditional=conditional,
+                              base_refusal=base_refusal_tokens if base_refusal else None)
     how = "conditional, at run time" if engine.conditional else "baked"
+    if base_refusal:
+        how += f"; adapter requests screened by the base's first {base_refusal_tokens} reply tokens"
     err.print(f"serving {', '.join(engine.names)} at http://{host}:{port}/v1 (lock alpha {engine.alpha:g}, {how})")
     serve(engine, host=host, port=port, admin_token=admin_token)
 

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from ..arch import o_proj_path
+from ..base_refusal import base_reply_ids, check_tokens, refusing
 from ..deployment import Deployment
 from ..errors import SafetylockError, check_alpha
 from ..generate import eos_token_ids, model_device
+from ..screen import REFUSAL_MESSAGE, message_token_ids
 from .adapters import ADAPTER_NAME, _module_paths_ancestors, _recorded_base, _weights_digest
 from .api import ApiError
 from .jobs import Event, Job
@@ -70,6 +72,8 @@ class Engine:
         batch_window: float = 0.005,
         force: bool = False,
         conditional: bool = False,
+        base_refusal: int | None = None,
+        refusal_message: str = REFUSAL_MESSAGE,
     ) -> None:
         if max_batch < 1:
             raise SafetylockError("max_batch must be at least 1")
@@ -95,6 +99,10 @@ class Engine:
         self._pending: list[Job] = []
         self._closed = False
         self.metrics.queue_depth = lambda: len(self._pending)
+        # The base-refusal screen (base_refusal.py) for adapter requests: the served base, the adapter off, writes
+        # its first `base_refusal` reply tokens; where they refuse, the request gets `refusal_message` instead.
+        self.base_refusal = None if base_refusal is None else check_tokens(base_refusal)
+        self.refusal_ids = message_token_ids(tokenizer, refusal_message)
 
         self.digest = _weights_digest(model)  # before baking: adapters record the unlocked base's digest
         self.conditional = conditional
@@ -113,7 +121,8 @@ class Engine:
     @classmethod
     def from_spec(cls, spec: str, lock_path: str | Path, *, alpha: float | None = None,
                   adapters: dict[str, str] | None = None, dtype: str = "auto", device: str | None = None,
-                  name: str | None = None, conditional: bool | None = False, **options: Any) -> Engine:
+                  name: str | None = None, conditional: bool | None = False, base_refusal: int | None = None,
+                  **options: Any) -> Engine:
         """Return an engine for a model spec with the lock file applied and the adapters loaded.
 
         `conditional` None applies the lock the way `resolve_mode` picks (conditional with a harmfulness probe).
@@ -124,6 +133,8 @@ class Engine:
 
         if alpha is not None:  # before the model loads, which takes minutes for a real one
             alpha = check_alpha(alpha, "--alpha")
+        if base_refusal is not None:
+            base_refusal = check_tokens(base_refusal)
         lock = Lock.load(Path(lock_path))
         if conditional is None:
             conditional = resolve_mode(lock, None) == "conditional"
@@ -131,7 +142,8 @@ class Engine:
             raise SafetylockError(f"{lock_path} has no harmfulness probe; extract it with --conditional to serve it so")
         model, tokenizer = load_model(spec, dtype=dtype, device=device)
         served = name or (Path(spec).name if Path(spec).expanduser().exists() else spec)
-        engine = cls(model, tokenizer, lock, alpha=alpha, name=served, conditional=conditional, **options)
+        engine = cls(model, tokenizer, lock, alpha=alpha, name=served, conditional=conditional,
+                     base_refusal=base_refusal, **options)
         try:
             for adapter_name, path in (adapters or {}).items():
                 engine.add_adapter(adapter_name, path)
@@ -148,7 +160,8 @@ class Engine:
 
     def lock_info(self) -> dict[str, Any]:
         """Return the lock as the admin sees it (/health, /v1/models): alpha, fingerprint, what is baked, the mode."""
-        return {"locked": True, **{k: v for k, v in self.deployment.status().items() if k != "locked"}}
+        return {"locked": True, **{k: v for k, v in self.deployment.status().items() if k != "locked"},
+                "base_refusal_tokens": self.base_refusal}
 
     # -- adapters ---------------------------------------------------------------------------------------
 
@@ -329,9 +342,38 @@ class Engine:
         self.peft.set_adapter(name, inference_mode=True)
         return self.peft, contextlib.nullcontext()
 
+    def _padded(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the jobs' prompts left-padded into (ids, mask) on the model's device."""
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for r, job in enumerate(jobs):
+            ids[r, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids, dtype=torch.long)
+            mask[r, width - len(job.prompt_ids):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _screened(self, jobs: list[Job]) -> list[Job]:
+        """Answer the adapter jobs whose prompt the served base starts to refuse with the fixed refusal; return the rest."""
+        assert self.base_refusal is not None
+        ids, mask = self._padded(jobs)
+        first = base_reply_ids(self.peft, ids, mask, self.base_refusal, self.pad_id)
+        flags = refusing([self._decode([int(t) for t in row if int(t) != self.pad_id]) for row in first]).tolist()
+        self.metrics.add(screened_requests=len(jobs), screen_refusals=sum(flags))
+        for job, flagged in zip(jobs, flags):
+            if flagged and not job.cancelled.is_set():
+                shown = self.refusal_ids[: job.max_tokens]
+                job.send(Event("delta", self._decode(shown)))
+                job.send(Event("done", finish_reason="stop" if len(shown) == len(self.refusal_ids) else "length",
+                               completion_tokens=len(shown)))
+        return [job for job, flagged in zip(jobs, flags) if not flagged]
+
     @torch.inference_mode()
     def _generate(self, jobs: list[Job]) -> None:
         """Generate a batch of jobs for one model, left-padded, emitting each row's text as it grows."""
+        if self.base_refusal is not None and self.peft is not None and jobs[0].model != self.name:
+            jobs = self._screened(jobs)
+            if not jobs:
+                return
         rows = []
         for job in jobs:
             generator = None
@@ -339,13 +381,7 @@ class Engine:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
             rows.append(_Row(job, generator))
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for r, job in enumerate(jobs):
-            ids[r, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids, dtype=torch.long)
-            mask[r, width - len(job.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self._padded(jobs)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         model, context = self._model_for(jobs[0].model)
         cache = None

@@ -25,6 +25,8 @@ class Metrics:
         self.generation_errors = 0
         self.adapters_added = 0
         self.adapters_rejected = 0
+        self.screened_requests = 0  # adapter requests the base-refusal screen asked the base about
+        self.screen_refusals = 0  # ... and answered with the fixed refusal
         self.latencies: deque[float] = deque(maxlen=window)
         self.first_token: deque[float] = deque(maxlen=window)
         self.queue_depth: Callable[[], int] = lambda: 0
@@ -71,6 +73,8 @@ class Metrics:
                 "generation_errors": self.generation_errors,
                 "adapters_added": self.adapters_added,
                 "adapters_rejected": self.adapters_rejected,
+                "screened_requests": self.screened_requests,
+                "screen_refusals": self.screen_refusals,
                 "latency_s": {"p50": quantile(lat, 0.5), "p95": quantile(lat, 0.95), "sum": round(sum(lat), 6),
                               "count": len(lat)},
                 "time_to_first_token_s": {"p50": quantile(ttft, 0.5), "p95": quantile(ttft, 0.95), "count": len(ttft)},
@@ -98,6 +102,10 @@ class Metrics:
         metric("stream_disconnects_total", "counter", "Streams the client left early.", [("", s["stream_disconnects"])])
         metric("generation_errors_total", "counter", "Failed generations (a batch, or one request in it).",
                [("", s["generation_errors"])])
+        metric("screened_requests_total", "counter", "Adapter requests the base-refusal screen asked the base about.",
+               [("", s["screened_requests"])])
+        metric("screen_refusals_total", "counter", "Adapter requests answered with the fixed refusal because the "
+               "base's first reply tokens refused.", [("", s["screen_refusals"])])
         for key, name in (("latency_s", "request_latency_seconds"), ("time_to_first_token_s", "time_to_first_token_seconds")):
             q = s[key]
             samples = [(f'{{quantile="{p}"}}', q[k] if q[k] is not None else "NaN") for p, k in (("0.5", "p50"), ("0.95", "p95"))]
