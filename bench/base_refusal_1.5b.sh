@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The base-refusal screen through its real hooks on qwen2.5-coder-1.5b-instruct + its LoRA fine-tunes (harmful-10
-# and AOA; ATTACKS=... adds others): every out-of-distribution source (first 32 eval prompts) and the four prompt
+# The base-refusal screen through its real hooks on qwen2.5-coder-1.5b-instruct + its LoRA fine-tunes (harmful-10,
+# AOA and benign; ATTACKS=... adds others): every out-of-distribution source (first 32 eval prompts) and the four prompt
 # attacks (first 4 per harmful source), next to the base and the undefended fine-tune on the same prompts.
 # 2-core CPU: about 50 min per fine-tune (seconds per prompt, harmful-10: base 0.65, fine-tune 2.43, fine-tune +
 # screen 4.05); resumable: each eval resumes from OUT/cache, so a rerun with one more attack only runs that one.
 set -euo pipefail
 M=${M:-qwen2.5-coder-1.5b-instruct}
 OUT=${OUT:-bench/base-refusal-1.5b}
-ATTACKS=${ATTACKS:-harmful-10 aoa}  # ATTACKS="harmful-10 aoa benign" adds the benign fine-tune (not run yet)
+ATTACKS=${ATTACKS:-harmful-10 aoa benign}  # ATTACKS="... harmful-100" adds the harmful-100 fine-tune (not run yet)
 FT_PREFIX=${FT_PREFIX:-runs/ft/1.5b}  # fine-tunes of M: set it with M, or another model reuses the 1.5B adapters
 adapters=()
 for a in $ATTACKS; do
