@@ -78,7 +78,8 @@ def base_reply_ids(model: Any, ids: torch.Tensor, mask: torch.Tensor, tokens: in
     with model.disable_adapter() if _has_adapter(model) else contextlib.nullcontext():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
                              pad_token_id=pad_id)
-    return out[:, ids.shape[1]:]
+    reply: torch.Tensor = out[:, ids.shape[1]:]
+    return reply
 
 
 def refusing(texts: Sequence[str], device: Any = None) -> torch.Tensor:
