@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The base-refusal screen through its real hooks on qwen2.5-coder-1.5b-instruct + its LoRA fine-tunes (harmful-10,
-# AOA and benign; ATTACKS=... adds others): every out-of-distribution source (first 32 eval prompts) and the four prompt
-# attacks (first 4 per harmful source), next to the base and the undefended fine-tune on the same prompts.
+# AOA and benign; ATTACKS=... adds others; M, OUT and FT_PREFIX run another model): every out-of-distribution
+# source (first 32 eval prompts) and the four prompt attacks (first 4 per harmful source), next to the base and
+# the undefended fine-tune on the same prompts.
 # 2-core CPU: about 50 min per fine-tune (seconds per prompt, harmful-10: base 0.65, fine-tune 2.43, fine-tune +
 # screen 4.05); resumable: each eval resumes from OUT/cache, so a rerun with one more attack only runs that one.
 set -euo pipefail

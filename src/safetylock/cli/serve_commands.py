@@ -35,7 +35,7 @@ def serve_command(
         "default for a lock with a probe), or bake it into the base for every request.")] = None,
     base_refusal: Annotated[bool, typer.Option(
         "--base-refusal/--no-base-refusal", help="Screen adapter requests: the served base (the adapter off) writes its "
-        "first reply tokens, and where they refuse the request gets a fixed refusal (docs/baselines.md).")] = False,
+        "first reply tokens, and where they refuse the request gets a fixed refusal (docs/serving.md).")] = False,
     base_refusal_tokens: Annotated[int, typer.Option("--base-refusal-tokens", min=1,
                                                      help="Base reply tokens the screen reads.")] = 12,
 ) -> None:
