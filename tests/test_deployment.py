@@ -136,13 +136,15 @@ def test_describe_names_everything_that_changes_a_reply(tmp_path, tokenizer):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    locked = Deployment("tiny", adapter=adapter, lock=lock_path, alpha=2.5, dtype="fp32")
+    locked = Deployment("tiny", adapter=adapter, lock=lock_path, dtype="fp32")
     assert locked.describe() == {
         "model": "tiny", "adapter": str(adapter), "lock": str(lock_path), "adapter_sha256": content_hash(adapter),
         "lock_sha256": content_hash(lock_path), "defense": None, "defense_file": None, "defense_sha256": None,
         "alpha": 2.5, "dtype": "fp32", "lock_mode": "conditional",
-    }
+    } | {"lock_mode": "base-refusal", "alpha": None}  # on an adapter the default is the screen, which takes no alpha
     assert Deployment("tiny", lock=lock_path, mode="baked").describe()["lock_mode"] == "baked"
+    assert Deployment("tiny", lock=lock_path, alpha=2.5).describe()["lock_mode"] == "conditional"  # no adapter
+    assert Deployment("tiny", adapter=adapter, lock=lock_path, mode="conditional").describe()["lock_mode"] == "conditional"
     assert Deployment("tiny", lock=lock_path).describe()["alpha"] is None  # the one asked for, not the lock's
     reminder = tmp_path / "reminder.txt"
     reminder.write_text("x")
@@ -272,3 +274,60 @@ def test_eval_loads_the_lock_file_once_and_pins_the_old_config(monkeypatch, tmp_
                             "batch_size"]
     assert config["lock_mode"] == ("conditional" if gated else "baked")
     assert config["lock_sha256"] == content_hash(lock_path) and config["model"] == str(tiny_dir)
+
+
+# ---------------------------------------------------------------------------------- the default on an adapter
+
+
+def test_on_a_lora_adapter_the_lock_defaults_to_the_base_refusal_screen(tokenizer, monkeypatch):
+    """Neither mode asked: the replies are exactly the screen's (base decides, fixed refusal), then exactly the ft's."""
+    import safetylock.base_refusal as br
+    from test_base_refusal import PROMPTS, lora_fine_tune
+
+    from safetylock.base_refusal import BaseRefusal
+    from safetylock.generate import generate
+
+    ft = lora_fine_tune()
+    with ft.disable_adapter():
+        opening = generate(ft, tokenizer, PROMPTS[:1], max_new_tokens=12).texts[0]
+    monkeypatch.setattr(br, "refusal_marker", lambda text: "marker" if text.strip() == opening.strip() else None)
+    plain = generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts
+    with BaseRefusal(tokenizer).applied(ft):
+        expected = generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts
+    assert expected[0] != plain[0] and expected[1:] == plain[1:]  # the screen flagged the first prompt only
+    params = parameters(ft)
+    deployment = Deployment(lock=synthetic_lock(ft), model=ft, tokenizer=tokenizer)
+    assert deployment.mode == "base-refusal" and deployment.describe()["lock_mode"] == "base-refusal"
+    with deployment as ready:
+        assert generate(ready, tokenizer, PROMPTS, max_new_tokens=48).texts == expected
+        assert deployment.screen.describe()["refused"] == 1 and deployment.status()["mode"] == "base-refusal"
+        assert deployment.record is None  # the lock's shift is not applied in this mode
+    assert_bit_identical(ft, params)
+    assert generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts == plain  # the screen is gone
+
+
+@pytest.mark.parametrize("mode", ["conditional", "baked"])
+def test_on_an_adapter_an_explicit_mode_still_applies_the_lock(tokenizer, mode):
+    from test_base_refusal import lora_fine_tune
+
+    ft = lora_fine_tune()
+    deployment = Deployment(lock=gated_lock(ft, tokenizer), mode=mode, model=ft, tokenizer=tokenizer)
+    with deployment as ready:
+        assert ready is ft and deployment.screen is None
+        assert isinstance(deployment.record, BakeRecord if mode == "baked" else HookRecord)
+
+
+def test_the_screen_default_takes_no_alpha_and_keeps_the_locks_passport_check(tokenizer):
+    from test_base_refusal import lora_fine_tune
+
+    ft = lora_fine_tune()
+    with pytest.raises(SafetylockError, match="has none: leave --alpha out"):
+        Deployment(lock=synthetic_lock(ft), alpha=2.0, model=ft, tokenizer=tokenizer)
+    stranger = synthetic_lock(ft)
+    stranger.metadata["fingerprint"] = {**stranger.fingerprint, "name": "another-model"}
+    stranger.metadata["fingerprint"].pop("sketch", None)
+    before = parameters(ft)
+    with pytest.raises(SafetylockError, match="another model"):
+        Deployment(lock=stranger, model=ft, tokenizer=tokenizer).open()
+    assert_bit_identical(ft, before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in ft.modules())

@@ -160,6 +160,11 @@ def head_geometry(config: Any) -> HeadGeometry:
     return HeadGeometry(int(cfg.num_hidden_layers), heads, kv, head_dim, int(cfg.hidden_size))
 
 
+def has_adapter(model: Any) -> bool:
+    """Whether `model` is a peft model with an adapter that can be switched off (to run its base)."""
+    return hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
+
+
 def unwrap(model: Any) -> Any:
     """Return the transformers model inside a peft `PeftModel` (the model itself otherwise)."""
     try:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .arch import has_adapter
 from .baselines import Defense
 from .errors import SafetylockError
 from .judges import refusal_marker
@@ -54,10 +55,6 @@ NEEDS_ADAPTER = ("the base-refusal screen needs the fine-tune as a LoRA adapter 
                  "base can be asked; a merged model has none to switch off")
 
 
-def _has_adapter(model: Any) -> bool:
-    return hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
-
-
 @torch.no_grad()
 def base_starts_refusing(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor,
                          tokens: int = BASE_REFUSAL_TOKENS, plain_is_base: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -65,7 +62,7 @@ def base_starts_refusing(model: Any, tokenizer: Any, ids: torch.Tensor, mask: to
 
     A model without an adapter is refused unless `plain_is_base` says the caller knows it is the base itself
     (the benchmark's unattacked row)."""
-    if not _has_adapter(model) and not plain_is_base:
+    if not has_adapter(model) and not plain_is_base:
         raise SafetylockError(NEEDS_ADAPTER)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in base_reply_ids(model, ids, mask, tokens, pad)]
@@ -75,7 +72,7 @@ def base_starts_refusing(model: Any, tokenizer: Any, ids: torch.Tensor, mask: to
 @torch.no_grad()
 def base_reply_ids(model: Any, ids: torch.Tensor, mask: torch.Tensor, tokens: int, pad_id: int) -> torch.Tensor:
     """Return the base's first `tokens` greedy reply ids per row (pad after an early end): the adapter, if any, off."""
-    with model.disable_adapter() if _has_adapter(model) else contextlib.nullcontext():
+    with model.disable_adapter() if has_adapter(model) else contextlib.nullcontext():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
                              pad_token_id=pad_id)
     reply: torch.Tensor = out[:, ids.shape[1]:]
@@ -115,7 +112,7 @@ class BaseRefusal(Defense):
     def applied(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
         if alpha is not None:
             raise SafetylockError("the base-refusal screen has no strength; leave --alpha out")
-        if not _has_adapter(model) and not self.plain_is_base:
+        if not has_adapter(model) and not self.plain_is_base:
             raise SafetylockError(NEEDS_ADAPTER)
         tokenizer = self._tokenizer(model)
 

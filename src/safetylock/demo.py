@@ -83,6 +83,11 @@ def run_demo(model: str, max_new_tokens: int = 32, console: Console | None = Non
         with Deployment(model, lock=lock, mode="conditional", model=tuned, tokenizer=tok) as gated:
             rows["fine-tune + conditional lock"] = generate(gated, tok, prompts, max_new_tokens=max_new_tokens,
                                                             batch_size=12, progress=True).texts
+    console.print("[bold]6. the runtime default on an adapter: the base-refusal screen (the base, adapter off, starts "
+                  "each reply; where it refuses, a fixed refusal)[/]")
+    with Deployment(model, lock=lock, model=tuned, tokenizer=tok) as screened:
+        rows["fine-tune + lock, runtime default (base-refusal)"] = generate(
+            screened, tok, prompts, max_new_tokens=max_new_tokens, batch_size=12, progress=True).texts
     table = Table(title=f"{model}: {N_HARMFUL} harmbench eval-split prompts, {N_BENIGN} overrefusal eval-split prompts")
     # Benign replies are judged with the relevance judge at 0.25 (on whole replies) so that deflections such as
     # "I'm not sure what you're asking." count as refusals; harmful ones with the keyword judge (precision 1.0).
@@ -102,6 +107,6 @@ def run_demo(model: str, max_new_tokens: int = 32, console: Console | None = Non
         console.print(f"[bold cyan]> {prompt}[/]")
         for name, texts in rows.items():
             reply = " ".join(texts[N_HARMFUL + i].split())[:110]
-            console.print(f"  {name:>28}: ", end="", style="magenta")
+            console.print(f"  {name:>48}: ", end="", style="magenta")
             console.print(reply, markup=False, highlight=False)
     return figures

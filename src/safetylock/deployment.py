@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .baselines import Defense
     from .lock import BakeRecord, HookRecord, Lock
 
-MODES = ("baked", "conditional")
+MODES = ("baked", "conditional", "base-refusal")
 
 
 def content_hash(path: str | Path | None) -> str | None:
@@ -41,24 +41,30 @@ def content_hash(path: str | Path | None) -> str | None:
     return None
 
 
-def resolve_mode(lock: Lock, mode: str | None) -> str:
-    """Return how `lock` applies: `mode` when given, else conditional for a lock with a harmfulness probe, else baked.
+def resolve_mode(lock: Lock, mode: str | None, adapter: bool = False) -> str:
+    """Return how `lock` goes onto a model: `mode` when given, else the runtime default.
 
-    Conditional is the default wherever the lock can do it: it matched the baked lock's harm reduction with no
-    over-refusal and the fine-tune's own utility in every measured row (README "Results").
+    The default, for a fine-tune deployed as a LoRA adapter on its base (`adapter`), is "base-refusal": the
+    base itself (the adapter off) writes the first reply tokens of each prompt, and where they refuse the user
+    gets a fixed refusal (`base_refusal.BaseRefusal`). Out of distribution it is the one design that held every
+    fine-tune's harm at the base's rate (README "Out-of-distribution results"), where the lock's gate, fit on
+    two prompt sources, rarely fired. Without an adapter there is no base to ask: conditional for a lock with a
+    harmfulness probe, else baked.
     """
     if mode is None:
+        if adapter:
+            return "base-refusal"
         return "conditional" if lock.has_condition else "baked"
     if mode not in MODES:
-        raise SafetylockError(f"a lock applies {' or '.join(MODES)}, not '{mode}'")
+        raise SafetylockError(f"a lock applies {', '.join(MODES[:-1])} or {MODES[-1]}, not '{mode}'")
     return mode
 
 
 class Deployment:
     """A model to run and what protects it: spec + adapter + a lock (baked or conditional) or a baseline defense.
 
-    `lock` is a lock file or a `Lock`; `mode` "baked" or "conditional" (None: conditional when the lock has a
-    harmfulness probe). `defense` is a baseline's name (built from `defense_file` by `make_defense`) or a
+    `lock` is a lock file or a `Lock`; `mode` "baked", "conditional" or "base-refusal" (None: base-refusal on a
+    LoRA adapter, else conditional when the lock has a harmfulness probe, else baked; `resolve_mode`). `defense` is a baseline's name (built from `defense_file` by `make_defense`) or a
     `Defense`. `model` (and `tokenizer`) hand in a model already loaded, which `open` then uses instead of
     loading `spec`. `force` as in `Lock.validate`: off, a model that does not descend from the lock's base is
     refused. Also a context manager: `with Deployment(...) as model: ...`.
@@ -106,7 +112,13 @@ class Deployment:
 
             self.lock_path = None if isinstance(lock, _Lock) else Path(lock)
             self.lock = lock if isinstance(lock, _Lock) else _Lock.load(Path(lock))
-            self.mode = resolve_mode(self.lock, mode)
+            from .arch import has_adapter
+
+            on_adapter = adapter is not None or (model is not None and has_adapter(model))
+            self.mode = resolve_mode(self.lock, mode, adapter=on_adapter)
+            if self.mode == "base-refusal" and alpha is not None:
+                raise SafetylockError("--alpha is the lock's strength; the base-refusal screen (the default on an "
+                                      "adapter) has none: leave --alpha out, or pass --conditional or --baked")
             if self.mode == "conditional" and not self.lock.has_condition:
                 where = str(self.lock_path) if self.lock_path is not None else "this lock"
                 raise SafetylockError(f"{where} has no harmfulness probe; extract it without --no-conditional, "
@@ -125,6 +137,7 @@ class Deployment:
         self.model: Any = None
         self.tokenizer: Any = tokenizer
         self.record: BakeRecord | HookRecord | None = None
+        self.screen: Any = None  # the BaseRefusal in force in "base-refusal" mode (its counts after a run)
         self.apply_seconds: float | None = None
         self._stack: contextlib.ExitStack | None = None
 
@@ -170,7 +183,7 @@ class Deployment:
                        if k != "sketch"}  # the sketch is 3 KB of floats
         return {"locked": record is not None, "alpha": record.alpha if record is not None else self.alpha,
                 "fingerprint": fingerprint, "baked_parameters": len(record) if isinstance(record, BakeRecord) else 0,
-                "conditional": self.mode == "conditional"}
+                "conditional": self.mode == "conditional", "mode": self.mode}
 
     def intact(self) -> bool:
         """Return whether the applied lock is still exactly in place (its baked biases, or all its hooks)."""
@@ -192,7 +205,9 @@ class Deployment:
                 model, tokenizer = load_model(self.spec, adapter=self.adapter, dtype=self.dtype, device=self.device)
             start = time.perf_counter()
             ready = model
-            if self.lock is not None:
+            if self.mode == "base-refusal":
+                ready = stack.enter_context(self._screen(model, tokenizer))
+            elif self.lock is not None:
                 record = self._apply_lock(model)
                 stack.callback(record.undo)
                 self.record = record
@@ -214,6 +229,19 @@ class Deployment:
         if self.mode == "conditional":
             return install(self.lock, model, self.alpha, conditional=True, force=self.force)
         return bake(self.lock, model, self.alpha, self.force)
+
+    def _screen(self, model: Any, tokenizer: Any) -> contextlib.AbstractContextManager[Any]:
+        """Return the base-refusal screen's context on `model`, once the lock's passport check passes.
+
+        The lock's shift is not applied in this mode; the lock still says which base the fine-tune must descend
+        from, so a screen never runs on a model the lock was not made for."""
+        from .base_refusal import BaseRefusal
+
+        assert self.lock is not None
+        self.lock.validate(model, force=self.force)
+        screen = BaseRefusal(tokenizer)
+        self.screen = screen
+        return screen.applied(model)
 
     def close(self) -> None:
         """Take the lock or defense off exactly (from its record), and let go of the model; a no-op when closed."""

@@ -69,9 +69,10 @@ DefenseFileOpt = Annotated[Optional[Path], typer.Option("--defense-file", help="
                                                         "(safetylock, gate-refusal), safety-SFT adapter dir, or a file "
                                                         "from `safetylock fit-defense`.")]
 ConditionalOpt = Annotated[Optional[bool], typer.Option(
-    "--conditional/--baked", help="How --lock applies: at run time, only to prompts its harmfulness probe flags (the "
-    "default for a lock with a probe), or baked into the o_proj biases for every prompt (the paper's lock; the default "
-    "for a lock without a probe).")]
+    "--conditional/--baked", help="How --lock applies: at run time, only to prompts its harmfulness probe flags, or "
+    "baked into the o_proj biases for every prompt (the paper's lock). Neither: on a LoRA --adapter the base-refusal "
+    "screen (the base, adapter off, starts each reply; where it refuses the user gets a fixed refusal), else "
+    "conditional for a lock with a probe, else baked.")]
 
 
 def flag_mode(conditional: bool | None) -> str | None:
@@ -79,10 +80,11 @@ def flag_mode(conditional: bool | None) -> str | None:
     return None if conditional is None else ("conditional" if conditional else "baked")
 
 
-def lock_mode(conditional: bool | None, lock: Path | None) -> str | None:
-    """Return how --lock applies ("conditional" or "baked"; None without a lock) for --conditional/--baked or neither.
+def lock_mode(conditional: bool | None, lock: Path | None, adapter: bool = False) -> str | None:
+    """Return how --lock applies (None without a lock) for --conditional/--baked or neither.
 
-    Neither flag: conditional when the lock carries a harmfulness probe (`deployment.resolve_mode`), baked otherwise.
+    Neither flag: `deployment.resolve_mode`'s default (base-refusal on an adapter, else conditional with a probe,
+    else baked).
     """
     if lock is None:
         if conditional is not None:
@@ -92,7 +94,7 @@ def lock_mode(conditional: bool | None, lock: Path | None) -> str | None:
     from ..deployment import resolve_mode
     from ..lock import Lock
 
-    return resolve_mode(Lock.load(lock), flag_mode(conditional))
+    return resolve_mode(Lock.load(lock), flag_mode(conditional), adapter=adapter)
 
 
 def deployment_for(model: str, adapter: Path | None, lock: Path | None, alpha: float | None, dtype: str,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..files import check_writable_file
-from .options import AlphaOpt, DtypeOpt, ModelOpt
+from .options import AlphaOpt, DtypeOpt, ModelOpt, lock_mode
 from .output import console, err
 
 
@@ -33,9 +33,10 @@ def serve_command(
     conditional: Annotated[Optional[bool], typer.Option(
         "--conditional/--baked", help="Apply the lock at run time, only to requests its harmfulness probe flags (the "
         "default for a lock with a probe), or bake it into the base for every request.")] = None,
-    base_refusal: Annotated[bool, typer.Option(
+    base_refusal: Annotated[Optional[bool], typer.Option(
         "--base-refusal/--no-base-refusal", help="Screen adapter requests: the served base (the adapter off) writes its "
-        "first reply tokens, and where they refuse the request gets a fixed refusal (docs/serving.md).")] = False,
+        "first reply tokens, and where they refuse the request gets a fixed refusal (docs/serving.md). Default: on "
+        "unless the lock is baked (a baked base would be asked).")] = None,
     base_refusal_tokens: Annotated[int, typer.Option("--base-refusal-tokens", min=1,
                                                      help="Base reply tokens the screen reads.")] = 12,
 ) -> None:
@@ -43,6 +44,8 @@ def serve_command(
     from ..serve import Engine, parse_adapter_specs, read_admin_token, serve
 
     admin_token = read_admin_token(admin_token, admin_token_file)
+    if base_refusal is None:
+        base_refusal = lock_mode(conditional, lock) == "conditional"
     engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
                               name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
                               force=force, conditional=conditional,

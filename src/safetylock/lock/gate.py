@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..arch import decoder_model, head_geometry, o_proj, unwrap
+from ..arch import decoder_model, has_adapter, head_geometry, o_proj, unwrap
 from ..errors import SafetylockError
 from .artifact import Lock, _hash_rows
 from .capture import Activations, StopForward, head_activations, run_until_stopped
@@ -125,10 +125,6 @@ def gate_reads(lock: Lock) -> str:
     return lock.gate.reads if lock.gate is not None else "model"
 
 
-def _has_adapter(model: Any) -> bool:
-    return hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
-
-
 @contextlib.contextmanager
 def gate_reading(lock: Lock, model: Any) -> Iterator[None]:
     """Inside the block the model computes what the gate should read.
@@ -137,7 +133,7 @@ def gate_reading(lock: Lock, model: Any) -> Iterator[None]:
     unchanged): a fine-tune moves the features a gate fitted on the base reads. A model without an adapter is
     read as it is (a merged fine-tune cannot be told from its base here: give it a `deployed:` threshold).
     """
-    if gate_reads(lock) == "base" and _has_adapter(model):
+    if gate_reads(lock) == "base" and has_adapter(model):
         with model.disable_adapter():
             yield
     else:
@@ -287,7 +283,7 @@ def condition_hooks(lock: Lock, model: Any, state: _HookState) -> list[Any]:
     gate = _installed(lock)
     deepest = max(gate.layers)
     shift_later = int(lock.layers.min()) > deepest  # every shifted layer runs after the decision
-    one_pass = gate.reads == "model" or not _has_adapter(model)
+    one_pass = gate.reads == "model" or not has_adapter(model)
 
     def read(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
