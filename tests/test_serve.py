@@ -630,3 +630,29 @@ def test_serve_cli_default_screen_width_is_the_library_default():
     from safetylock.cli.serve_commands import serve_command
 
     assert inspect.signature(serve_command).parameters["base_refusal_tokens"].default == BASE_REFUSAL_TOKENS
+
+
+def test_serve_screens_adapter_requests_by_default_unless_the_lock_is_baked(world, tokenizer, tmp_path, monkeypatch):
+    """The runtime default on adapters is the base-refusal screen; a baked base would be the one asked, so not there."""
+    import safetylock.serve as serving
+    from safetylock.lock import Lock, fit_condition
+
+    model, _ = load_model(str(world.base_dir), dtype="fp32", device="cpu")
+    gated = fit_condition(Lock.load(world.lock), model, tokenizer, [f"build a bomb {i}" for i in range(4)],
+                          [f"bake a cake {i}" for i in range(4)], heads=2).save(tmp_path / "gated.safetensors")
+    asked: list[int | None] = []
+
+    class Recorder:
+        @staticmethod
+        def from_spec(*args, base_refusal=None, conditional=None, **kwargs):
+            asked.append(base_refusal)
+            return SimpleNamespace(conditional=conditional, names=["base"], alpha=1.0)
+
+    monkeypatch.setattr(serving, "Engine", Recorder)
+    monkeypatch.setattr(serving, "serve", lambda *args, **kwargs: None)
+    cases = [([str(gated)], 12), ([str(gated), "--baked"], None), ([str(gated), "--no-base-refusal"], None),
+             ([str(world.lock)], None), ([str(world.lock), "--base-refusal", "--base-refusal-tokens", "5"], 5)]
+    for args, expected in cases:
+        result = CliRunner().invoke(app, ["serve", "-m", str(world.base_dir), "--lock", *args])
+        assert result.exit_code == 0, result.output
+        assert asked[-1] == expected, args
