@@ -73,6 +73,7 @@ USAGE = [
     (["fit-defense", "safetylock", "-o", "f.safetensors"], "the locks come from `safetylock extract`"),
     (["fit-defense", "resta", "-o", "f.safetensors"], "needs the base's harmful fine-tune"),
     (["fit-defense", "guard", "--unaligned", "A", "-o", "f.safetensors"], "--unaligned is for resta and safe-lora"),
+    (["chat", "--base-model", M, "hi"], "goes with --lock"),
 ]
 
 

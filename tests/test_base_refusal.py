@@ -115,3 +115,36 @@ def test_a_deployment_runs_the_screen_by_name_on_an_adapter_and_refuses_a_plain_
     with pytest.raises(SafetylockError, match="LoRA adapter on its base"):
         with Deployment(str(tiny_dir), defense="base-refusal", dtype="fp32"):
             pass
+
+
+def test_a_merged_fine_tune_is_screened_by_its_base_as_a_second_model(tokenizer, monkeypatch):
+    """No adapter to switch off: the base handed in decides, exactly as the adapter-off base decides."""
+    import copy
+
+    import safetylock.base_refusal as br
+
+    ft = lora_fine_tune()
+    merged = copy.deepcopy(ft).merge_and_unload().eval()
+    base = tiny_model("qwen2")  # the same seeded weights lora_fine_tune() put the adapter on
+    with ft.disable_adapter():
+        base_first = generate(ft, tokenizer, PROMPTS, max_new_tokens=5).texts
+    assert generate(base, tokenizer, PROMPTS, max_new_tokens=5).texts == base_first
+    monkeypatch.setattr(br, "refusal_marker", lambda text: "marker" if text.strip() == base_first[1].strip() else None)
+    plain = generate(merged, tokenizer, PROMPTS, max_new_tokens=48).texts
+    with pytest.raises(SafetylockError, match="--base-model"):
+        with BaseRefusal(tokenizer, tokens=5).applied(merged):
+            pass
+    screen = BaseRefusal(tokenizer, tokens=5, base=base)
+    with screen.applied(merged):
+        screened = generate(merged, tokenizer, PROMPTS, max_new_tokens=48).texts
+    assert screened == [plain[0], REFUSAL_MESSAGE, plain[2]]
+    assert screen.describe()["asks"] == "a second model" and screen.describe()["refused"] == 1
+
+
+def test_a_base_with_another_vocabulary_is_refused(tokenizer):
+    ft = tiny_model("qwen2")
+    other = tiny_model("qwen2")
+    other.resize_token_embeddings(other.config.vocab_size + 8)
+    with pytest.raises(SafetylockError, match="vocabulary"):
+        with BaseRefusal(tokenizer, base=other).applied(ft):
+            pass

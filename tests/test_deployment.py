@@ -331,3 +331,27 @@ def test_the_screen_default_takes_no_alpha_and_keeps_the_locks_passport_check(to
         Deployment(lock=stranger, model=ft, tokenizer=tokenizer).open()
     assert_bit_identical(ft, before)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in ft.modules())
+
+
+def test_a_merged_fine_tune_with_its_base_beside_it_defaults_to_the_screen(tokenizer):
+    """--base-model: the base is loaded as a second model and checked against the lock, like the fine-tune."""
+    import copy
+
+    from test_base_refusal import lora_fine_tune
+
+    ft = lora_fine_tune()
+    merged = copy.deepcopy(ft).merge_and_unload().eval()
+    base = tiny_model("qwen2")
+    lock = synthetic_lock(base)
+    assert not lock.has_condition and Deployment(lock=lock, model=merged, tokenizer=tokenizer).mode == "baked"
+    deployment = Deployment(lock=lock, model=merged, tokenizer=tokenizer, base_model=base)
+    assert deployment.mode == "base-refusal" and deployment.describe()["base_model"] == "(loaded)"
+    with deployment:
+        assert deployment.screen.base is base and deployment.record is None
+    assert deployment.screen.base is None  # the second model is let go
+    stranger = tiny_model("qwen2", seed=5)
+    stranger.safetylock_spec = "another-model"  # this lock has no weight sketch: the name decides descent
+    with pytest.raises(SafetylockError, match="another model"):
+        Deployment(lock=lock, model=merged, tokenizer=tokenizer, base_model=stranger).open()
+    with pytest.raises(SafetylockError, match="goes with --lock"):
+        Deployment(model=merged, tokenizer=tokenizer, base_model=base)

@@ -424,6 +424,8 @@ def test_a_lock_with_a_probe_applies_conditionally_unless_baked_is_asked(tmp_pat
     gated, plain_path = tmp_path / "gated.safetensors", tmp_path / "plain.safetensors"
     assert lock_mode(None, gated) == "conditional" and lock_mode(False, gated) == "baked"
     assert lock_mode(None, plain_path) == "baked" and lock_mode(True, plain_path) == "conditional"
+    assert lock_mode(None, gated, adapter=True) == "base-refusal" == lock_mode(None, plain_path, adapter=True)
+    assert lock_mode(True, gated, adapter=True) == "conditional" and lock_mode(False, gated, adapter=True) == "baked"
     assert lock_mode(None, None) is None
     for flag in (True, False):
         with pytest.raises(SafetylockError, match="needs --lock"):

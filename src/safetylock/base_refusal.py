@@ -8,8 +8,9 @@ refusal marker (`judges.refusal_marker`). A flagged prompt gets a fixed refusal 
 the others get the fine-tune's own reply, bit for bit.
 
 No artifact and no harm labels: the base's weights are the decision. The cost per request is a second
-prefill (the adapter off) plus `tokens` decode steps of the base. It needs the fine-tune as a peft adapter on
-its base (a merged fine-tune has no base left to ask).
+prefill (the adapter off) plus `tokens` decode steps of the base. A fine-tune given as a peft adapter carries its
+base; a merged or fully fine-tuned model has none left to switch to, so the aligned base is handed in as a
+second model (`base=`), at the cost of its memory, and asked the same way.
 
 `first_tokens_refuse` scores a cached base reply the same way, which is how `ood` composes this screen.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .arch import has_adapter
+from .arch import has_adapter, text_config, unwrap
 from .baselines import Defense
 from .errors import SafetylockError
 from .judges import refusal_marker
@@ -51,21 +52,24 @@ def first_tokens_refuse(tokenizer: Any, reply: str, tokens: int = BASE_REFUSAL_T
     return refusal_marker(tokenizer.decode(ids, skip_special_tokens=True)) is not None
 
 
-NEEDS_ADAPTER = ("the base-refusal screen needs the fine-tune as a LoRA adapter on its base (--adapter), so the "
-                 "base can be asked; a merged model has none to switch off")
+NEEDS_ADAPTER = ("the base-refusal screen needs the aligned base to ask: the fine-tune as a LoRA adapter on it "
+                 "(--adapter), or, for a merged or fully fine-tuned model, the base as a second model (--base-model)")
 
 
 @torch.no_grad()
 def base_starts_refusing(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor,
-                         tokens: int = BASE_REFUSAL_TOKENS, plain_is_base: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Return (flag per row, the base's first reply tokens as text): the adapter off, `tokens` greedy steps.
+                         tokens: int = BASE_REFUSAL_TOKENS, plain_is_base: bool = False,
+                         base: Any = None) -> tuple[torch.Tensor, list[str]]:
+    """Return (flag per row, the base's first reply tokens as text): `tokens` greedy steps of the base.
 
-    A model without an adapter is refused unless `plain_is_base` says the caller knows it is the base itself
-    (the benchmark's unattacked row)."""
-    if not has_adapter(model) and not plain_is_base:
+    The base is `base` when given (a second model, for a merged fine-tune), else `model` with its adapter off.
+    A model without an adapter and no `base` is refused unless `plain_is_base` says the caller knows it is the
+    base itself (the benchmark's unattacked row)."""
+    if base is None and not has_adapter(model) and not plain_is_base:
         raise SafetylockError(NEEDS_ADAPTER)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in base_reply_ids(model, ids, mask, tokens, pad)]
+    asked = base if base is not None else model
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in base_reply_ids(asked, ids, mask, tokens, pad)]
     return refusing(texts, ids.device), texts
 
 
@@ -79,6 +83,14 @@ def base_reply_ids(model: Any, ids: torch.Tensor, mask: torch.Tensor, tokens: in
     return reply
 
 
+def check_same_vocab(model: Any, base: Any) -> None:
+    """Raise unless `base` reads the same token ids as `model` (the screen feeds it the fine-tune's prompt ids)."""
+    ours, theirs = (getattr(text_config(unwrap(m).config), "vocab_size", None) for m in (model, base))
+    if ours != theirs:
+        raise SafetylockError(f"the base to ask has a vocabulary of {theirs} tokens but the fine-tune {ours}; "
+                              "give the fine-tune's own aligned base (--base-model)")
+
+
 def refusing(texts: Sequence[str], device: Any = None) -> torch.Tensor:
     """Return a bool flag per reply text: whether it carries a refusal marker."""
     return torch.tensor([refusal_marker(t) is not None for t in texts], dtype=torch.bool, device=device)
@@ -90,8 +102,10 @@ class BaseRefusal(Defense):
     name = "base-refusal"
 
     def __init__(self, tokenizer: Any = None, tokens: int = BASE_REFUSAL_TOKENS, message: str = REFUSAL_MESSAGE,
-                 plain_is_base: bool = False) -> None:
+                 plain_is_base: bool = False, base: Any = None) -> None:
         self.tokenizer = tokenizer
+        self.base = base  # the aligned base as a second model (a merged fine-tune); None: the adapter off
+        self.asks = "a second model" if base is not None else "the adapter off"
         self.tokens = check_tokens(tokens)
         self.message = message
         self.plain_is_base = plain_is_base  # a model without an adapter is the base itself (the bench's "none" row)
@@ -99,7 +113,6 @@ class BaseRefusal(Defense):
 
     def _tokenizer(self, model: Any) -> Any:
         if self.tokenizer is None:
-            from .arch import unwrap
             from .guard import tokenizer_for
 
             spec = getattr(model, "safetylock_spec", None) or getattr(unwrap(model), "safetylock_spec", None)
@@ -112,12 +125,14 @@ class BaseRefusal(Defense):
     def applied(self, model: Any, alpha: float | None = None) -> Iterator[Any]:
         if alpha is not None:
             raise SafetylockError("the base-refusal screen has no strength; leave --alpha out")
-        if not has_adapter(model) and not self.plain_is_base:
+        if self.base is None and not has_adapter(model) and not self.plain_is_base:
             raise SafetylockError(NEEDS_ADAPTER)
+        if self.base is not None:
+            check_same_vocab(model, self.base)
         tokenizer = self._tokenizer(model)
 
         def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return base_starts_refusing(model, tokenizer, ids, mask, self.tokens, self.plain_is_base)[0]
+            return base_starts_refusing(model, tokenizer, ids, mask, self.tokens, self.plain_is_base, self.base)[0]
 
         with forced_reply(model, tokenizer, decide, self.message) as screen:
             self.last = screen
@@ -126,6 +141,7 @@ class BaseRefusal(Defense):
     def describe(self) -> dict[str, Any]:
         screen = self.last
         return {"name": self.name, "tokens": self.tokens, "message": self.message,
+                "asks": self.asks,
                 "screened": screen.prompts if screen is not None else 0,
                 "refused": screen.refused if screen is not None else 0,
                 "seconds_per_prompt": screen.seconds_per_prompt if screen is not None else None}
@@ -136,5 +152,5 @@ def refusal_flags(tokenizer: Any, replies: Sequence[str], tokens: int = BASE_REF
     return [first_tokens_refuse(tokenizer, r, tokens) for r in replies]
 
 
-__all__ = ["BASE_REFUSAL_TOKENS", "BaseRefusal", "base_reply_ids", "base_starts_refusing", "check_tokens",
-           "first_tokens_refuse", "refusal_flags", "refusing"]
+__all__ = ["BASE_REFUSAL_TOKENS", "BaseRefusal", "base_reply_ids", "base_starts_refusing", "check_same_vocab",
+           "check_tokens", "first_tokens_refuse", "refusal_flags", "refusing"]

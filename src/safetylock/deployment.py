@@ -41,18 +41,18 @@ def content_hash(path: str | Path | None) -> str | None:
     return None
 
 
-def resolve_mode(lock: Lock, mode: str | None, adapter: bool = False) -> str:
+def resolve_mode(lock: Lock, mode: str | None, base_at_hand: bool = False) -> str:
     """Return how `lock` goes onto a model: `mode` when given, else the runtime default.
 
-    The default, for a fine-tune deployed as a LoRA adapter on its base (`adapter`), is "base-refusal": the
-    base itself (the adapter off) writes the first reply tokens of each prompt, and where they refuse the user
-    gets a fixed refusal (`base_refusal.BaseRefusal`). Out of distribution it is the one design that held every
-    fine-tune's harm at the base's rate (README "Out-of-distribution results"), where the lock's gate, fit on
-    two prompt sources, rarely fired. Without an adapter there is no base to ask: conditional for a lock with a
-    harmfulness probe, else baked.
+    The default where the aligned base can be asked (`base_at_hand`: the fine-tune is a LoRA adapter on it, or
+    the base is loaded beside a merged fine-tune) is "base-refusal": the base writes the first reply tokens of
+    each prompt, and where they refuse the user gets a fixed refusal (`base_refusal.BaseRefusal`). Out of
+    distribution it is the one design that held every fine-tune's harm at the base's rate (README
+    "Out-of-distribution results"), where the lock's gate, fit on two prompt sources, rarely fired. With no
+    base to ask: conditional for a lock with a harmfulness probe, else baked.
     """
     if mode is None:
-        if adapter:
+        if base_at_hand:
             return "base-refusal"
         return "conditional" if lock.has_condition else "baked"
     if mode not in MODES:
@@ -63,10 +63,12 @@ def resolve_mode(lock: Lock, mode: str | None, adapter: bool = False) -> str:
 class Deployment:
     """A model to run and what protects it: spec + adapter + a lock (baked or conditional) or a baseline defense.
 
-    `lock` is a lock file or a `Lock`; `mode` "baked", "conditional" or "base-refusal" (None: base-refusal on a
-    LoRA adapter, else conditional when the lock has a harmfulness probe, else baked; `resolve_mode`). `defense` is a baseline's name (built from `defense_file` by `make_defense`) or a
-    `Defense`. `model` (and `tokenizer`) hand in a model already loaded, which `open` then uses instead of
-    loading `spec`. `force` as in `Lock.validate`: off, a model that does not descend from the lock's base is
+    `lock` is a lock file or a `Lock`; `mode` "baked", "conditional" or "base-refusal" (None: base-refusal where
+    the base can be asked, else conditional when the lock has a harmfulness probe, else baked; `resolve_mode`).
+    `defense` is a baseline's name (built from `defense_file` by `make_defense`) or a `Defense`. `model` (and
+    `tokenizer`) hand in a model already loaded, which `open` then uses instead of loading `spec`.
+    `base_model` (a spec or a loaded model) is the aligned base the base-refusal screen asks when the fine-tune
+    is merged or fully fine-tuned (an adapter's own base is asked with the adapter off). `force` as in `Lock.validate`: off, a model that does not descend from the lock's base is
     refused. Also a context manager: `with Deployment(...) as model: ...`.
     """
 
@@ -85,6 +87,7 @@ class Deployment:
         force: bool = False,
         model: Any = None,
         tokenizer: Any = None,
+        base_model: str | Path | Any = None,
     ) -> None:
         if spec is None and model is None:
             raise SafetylockError("a deployment needs a model spec or a loaded model")
@@ -98,6 +101,10 @@ class Deployment:
             raise SafetylockError("--defense-file needs --defense NAME")
         if lock is not None and defense is not None:
             raise SafetylockError("pass either --lock or --defense (use --defense safetylock --defense-file LOCK)")
+        if base_model is not None and lock is None:
+            raise SafetylockError("--base-model is the aligned base the base-refusal screen asks: it goes with --lock "
+                                  "(the screen is then the default)")
+        self.base_model = base_model  # a spec, or a loaded model; loaded in open() and let go in close()
         self.spec = spec if spec is not None else str(getattr(model, "safetylock_spec", None) or "")
         self.adapter = Path(adapter) if adapter is not None else None
         self.dtype = dtype
@@ -115,7 +122,7 @@ class Deployment:
             from .arch import has_adapter
 
             on_adapter = adapter is not None or (model is not None and has_adapter(model))
-            self.mode = resolve_mode(self.lock, mode, adapter=on_adapter)
+            self.mode = resolve_mode(self.lock, mode, base_at_hand=on_adapter or base_model is not None)
             if self.mode == "base-refusal" and alpha is not None:
                 raise SafetylockError("--alpha is the lock's strength; the base-refusal screen (the default on an "
                                       "adapter) has none: leave --alpha out, or pass --conditional or --baked")
@@ -170,6 +177,8 @@ class Deployment:
             "alpha": self.alpha,
             "dtype": self.dtype,
         }
+        if self.base_model is not None:
+            out["base_model"] = str(self.base_model) if isinstance(self.base_model, (str, Path)) else "(loaded)"
         if self.lock is not None:
             out["lock_mode"] = self.mode
         return out
@@ -234,14 +243,26 @@ class Deployment:
         """Return the base-refusal screen's context on `model`, once the lock's passport check passes.
 
         The lock's shift is not applied in this mode; the lock still says which base the fine-tune must descend
-        from, so a screen never runs on a model the lock was not made for."""
+        from, so a screen never runs on a model the lock was not made for, nor asks a base that is not the lock's."""
         from .base_refusal import BaseRefusal
 
         assert self.lock is not None
         self.lock.validate(model, force=self.force)
-        screen = BaseRefusal(tokenizer)
+        base = self._base_model()
+        if base is not None:
+            self.lock.validate(base, force=self.force)
+        screen = BaseRefusal(tokenizer, base=base)
         self.screen = screen
         return screen.applied(model)
+
+    def _base_model(self) -> Any:
+        """Return the aligned base to ask as a second model (loaded from its spec once), or None."""
+        if self.base_model is None or not isinstance(self.base_model, (str, Path)):
+            return self.base_model
+        from .models import load_model
+
+        base, _ = load_model(str(self.base_model), dtype=self.dtype, device=self.device)
+        return base
 
     def close(self) -> None:
         """Take the lock or defense off exactly (from its record), and let go of the model; a no-op when closed."""
@@ -253,6 +274,8 @@ class Deployment:
         finally:
             self.record = None
             self.model = None
+            if self.screen is not None:
+                self.screen.base = None  # let go of a second model; its counts stay readable
             if self._given is None:
                 self.tokenizer = None
 

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from ..errors import SafetylockError
 from ..files import check_writable_dir, check_writable_file
-from .options import (AdapterOpt, BatchOpt, ConditionalOpt, DefenseFileOpt, DefenseOpt, DtypeOpt, LockOpt,
-                      ModelOpt, StrengthOpt, SystemOpt, deployment_for)
+from .options import (AdapterOpt, BaseModelOpt, BatchOpt, ConditionalOpt, DefenseFileOpt, DefenseOpt, DtypeOpt,
+                      LockOpt, ModelOpt, StrengthOpt, SystemOpt, deployment_for)
 from .output import console, err
 
 
@@ -37,6 +37,7 @@ def eval_command(
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
     conditional: ConditionalOpt = None,
+    base_model: BaseModelOpt = None,
     prompt_attack: Annotated[Optional[str], typer.Option("--prompt-attack", help="prefill, two-turn, persona or jailbreak:NAME (NAME: aim, refusal_suppression, prefix_injection, code_nesting, hypothetical_response, evil_confidant, text_continuation, dev_mode_compact).")] = None,
 ) -> None:
     """Generate, judge and summarise a prompt set; resumes into the same OUTDIR."""
@@ -44,7 +45,7 @@ def eval_command(
 
     from ..evaluate import run_eval
 
-    deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file)
+    deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file, base_model)
     check_writable_dir(out)
     system = system if system is not None else deployment.system
     summary = run_eval(deployment=deployment, benchmark=benchmark, prompts_file=prompts, column=column, kind=kind,

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from ..errors import SafetylockError
 from ..files import check_writable_dir
-from .options import (AdapterOpt, AlphaOpt, BatchOpt, ConditionalOpt, DefenseFileOpt, DefenseOpt, DtypeOpt, LockOpt,
-                      ModelOpt, SystemOpt, TokensOpt, deployment_for, valid_positive)
+from .options import (AdapterOpt, AlphaOpt, BaseModelOpt, BatchOpt, ConditionalOpt, DefenseFileOpt, DefenseOpt,
+                      DtypeOpt, LockOpt, ModelOpt, SystemOpt, TokensOpt, deployment_for, valid_positive)
 from .output import console, err
 
 
@@ -44,11 +44,12 @@ def chat(
     defense: DefenseOpt = None,
     defense_file: DefenseFileOpt = None,
     conditional: ConditionalOpt = None,
+    base_model: BaseModelOpt = None,
 ) -> None:
     """Print the model's greedy replies to the prompts (batched)."""
     from ..generate import generate
 
-    deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file)
+    deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file, base_model)
     system = system if system is not None else deployment.system
     with deployment as m:
         run = generate(m, deployment.tokenizer, prompts, system=system, max_new_tokens=max_new_tokens,

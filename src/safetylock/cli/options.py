@@ -75,6 +75,11 @@ ConditionalOpt = Annotated[Optional[bool], typer.Option(
     "conditional for a lock with a probe, else baked.")]
 
 
+BaseModelOpt = Annotated[Optional[str], typer.Option(
+    "--base-model", help="For a merged or fully fine-tuned -m with --lock: the aligned base (alias, directory or "
+    ".gguf), loaded as a second model, that the base-refusal screen asks; the screen is then the default.")]
+
+
 def flag_mode(conditional: bool | None) -> str | None:
     """Return the lock mode --conditional/--baked ask for (None: neither, the lock's own default)."""
     return None if conditional is None else ("conditional" if conditional else "baked")
@@ -94,11 +99,12 @@ def lock_mode(conditional: bool | None, lock: Path | None, adapter: bool = False
     from ..deployment import resolve_mode
     from ..lock import Lock
 
-    return resolve_mode(Lock.load(lock), flag_mode(conditional), adapter=adapter)
+    return resolve_mode(Lock.load(lock), flag_mode(conditional), base_at_hand=adapter)
 
 
 def deployment_for(model: str, adapter: Path | None, lock: Path | None, alpha: float | None, dtype: str,
-                   conditional: bool | None, defense: str | None, defense_file: Path | None) -> Deployment:
+                   conditional: bool | None, defense: str | None, defense_file: Path | None,
+                   base_model: str | None = None) -> Deployment:
     """Return the (unopened) Deployment that -m/--adapter and --lock (--conditional/--baked) or --defense name."""
     from ..baselines.registry import THRESHOLDED
     from ..deployment import Deployment
@@ -106,7 +112,7 @@ def deployment_for(model: str, adapter: Path | None, lock: Path | None, alpha: f
     if alpha is not None and defense not in THRESHOLDED:
         check_alpha(alpha)
     return Deployment(model, adapter=adapter, lock=lock, mode=flag_mode(conditional), defense=defense,
-                      defense_file=defense_file, alpha=alpha, dtype=dtype)
+                      defense_file=defense_file, alpha=alpha, dtype=dtype, base_model=base_model)
 
 
 def split_list(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
