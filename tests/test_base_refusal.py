@@ -148,3 +148,25 @@ def test_a_base_with_another_vocabulary_is_refused(tokenizer):
     with pytest.raises(SafetylockError, match="vocabulary"):
         with BaseRefusal(tokenizer, base=other).applied(ft):
             pass
+
+
+def test_chat_with_a_lock_on_an_adapter_runs_the_screen_and_says_so(tmp_path, tiny_dir):
+    """The CLI's runtime default on an adapter: one stderr line names the screen; --baked names nothing."""
+    from peft import LoraConfig, get_peft_model
+    from test_lock import synthetic_lock
+    from typer.testing import CliRunner
+
+    from safetylock.cli import app
+    from safetylock.models import load_model
+
+    base, _ = load_model(str(tiny_dir), dtype="fp32", device="cpu")
+    lock = synthetic_lock(base).save(tmp_path / "tiny.lock.safetensors")
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(tiny_model("qwen2"), config).save_pretrained(tmp_path / "adapter")
+    args = ["chat", "-m", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--lock", str(lock),
+            "--max-new-tokens", "3", "--dtype", "fp32", "hello"]
+    screened = CliRunner().invoke(app, args)
+    assert screened.exit_code == 0, screened.output
+    assert "the base-refusal screen (the base (adapter off) starts each reply" in screened.output
+    baked = CliRunner().invoke(app, [*args, "--baked"])
+    assert baked.exit_code == 0 and "base-refusal" not in baked.output

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import SafetylockError
 from ..files import check_writable_dir, check_writable_file
 from .options import (AdapterOpt, BaseModelOpt, BatchOpt, ConditionalOpt, DefenseFileOpt, DefenseOpt, DtypeOpt,
-                      LockOpt, ModelOpt, StrengthOpt, SystemOpt, deployment_for)
+                      LockOpt, ModelOpt, StrengthOpt, SystemOpt, deployment_for, mode_line)
 from .output import console, err
 
 
@@ -46,6 +46,8 @@ def eval_command(
     from ..evaluate import run_eval
 
     deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file, base_model)
+    if (line := mode_line(deployment)) is not None:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
     check_writable_dir(out)
     system = system if system is not None else deployment.system
     summary = run_eval(deployment=deployment, benchmark=benchmark, prompts_file=prompts, column=column, kind=kind,

@@ -11,7 +11,8 @@ from rich.table import Table
 from ..errors import SafetylockError
 from ..files import check_writable_dir
 from .options import (AdapterOpt, AlphaOpt, BaseModelOpt, BatchOpt, ConditionalOpt, DefenseFileOpt, DefenseOpt,
-                      DtypeOpt, LockOpt, ModelOpt, SystemOpt, TokensOpt, deployment_for, valid_positive)
+                      DtypeOpt, LockOpt, ModelOpt, SystemOpt, TokensOpt, deployment_for, mode_line,
+                      valid_positive)
 from .output import console, err
 
 
@@ -50,6 +51,8 @@ def chat(
     from ..generate import generate
 
     deployment = deployment_for(model, adapter, lock, alpha, dtype, conditional, defense, defense_file, base_model)
+    if (line := mode_line(deployment)) is not None:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
     system = system if system is not None else deployment.system
     with deployment as m:
         run = generate(m, deployment.tokenizer, prompts, system=system, max_new_tokens=max_new_tokens,

@@ -115,6 +115,15 @@ def deployment_for(model: str, adapter: Path | None, lock: Path | None, alpha: f
                       defense_file=defense_file, alpha=alpha, dtype=dtype, base_model=base_model)
 
 
+def mode_line(deployment: Deployment) -> str | None:
+    """Return the line that says how --lock applies when the runtime default picked the screen, else None."""
+    if deployment.mode != "base-refusal":
+        return None
+    asked = "the base beside it (--base-model)" if deployment.base_model is not None else "the base (adapter off)"
+    return (f"--lock on this fine-tune: the base-refusal screen ({asked} starts each reply; where it refuses, a fixed "
+            "refusal); --conditional or --baked applies the lock's shift instead")
+
+
 def split_list(values: list[str] | None, default: tuple[str, ...]) -> list[str]:
     """Return the items of repeatable, comma-separated option values (`default` when none are given)."""
     items = [v.strip() for raw in (values or []) for v in raw.split(",") if v.strip()]
