@@ -51,7 +51,7 @@ def test_base_starts_refusing_returns_the_bases_opening(tokenizer):
 
 
 def test_the_screen_needs_an_adapter_and_takes_no_strength(tokenizer):
-    with pytest.raises(SafetylockError, match="LoRA adapter on its base"):
+    with pytest.raises(SafetylockError, match="LoRA adapter on it .*--base-model"):
         with BaseRefusal(tokenizer).applied(tiny_model("qwen2")):
             pass
     with pytest.raises(SafetylockError, match="no strength"):
@@ -112,7 +112,7 @@ def test_a_deployment_runs_the_screen_by_name_on_an_adapter_and_refuses_a_plain_
     get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
     with Deployment(str(tiny_dir), adapter=tmp_path / "adapter", defense="base-refusal", dtype="fp32") as model:
         assert len(generate(model, tok, PROMPTS[:2], max_new_tokens=3).texts) == 2
-    with pytest.raises(SafetylockError, match="LoRA adapter on its base"):
+    with pytest.raises(SafetylockError, match="LoRA adapter on it .*--base-model"):
         with Deployment(str(tiny_dir), defense="base-refusal", dtype="fp32"):
             pass
 
