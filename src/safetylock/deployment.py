@@ -212,10 +212,11 @@ class Deployment:
                 from .models import load_model
 
                 model, tokenizer = load_model(self.spec, adapter=self.adapter, dtype=self.dtype, device=self.device)
+            base = self._base_model() if self.mode == "base-refusal" else None  # a load, not timed as applying
             start = time.perf_counter()
             ready = model
             if self.mode == "base-refusal":
-                ready = stack.enter_context(self._screen(model, tokenizer))
+                ready = stack.enter_context(self._screen(model, tokenizer, base))
             elif self.lock is not None:
                 record = self._apply_lock(model)
                 stack.callback(record.undo)
@@ -239,7 +240,7 @@ class Deployment:
             return install(self.lock, model, self.alpha, conditional=True, force=self.force)
         return bake(self.lock, model, self.alpha, self.force)
 
-    def _screen(self, model: Any, tokenizer: Any) -> contextlib.AbstractContextManager[Any]:
+    def _screen(self, model: Any, tokenizer: Any, base: Any) -> contextlib.AbstractContextManager[Any]:
         """Return the base-refusal screen's context on `model`, once the lock's passport check passes.
 
         The lock's shift is not applied in this mode; the lock still says which base the fine-tune must descend
@@ -248,7 +249,6 @@ class Deployment:
 
         assert self.lock is not None
         self.lock.validate(model, force=self.force)
-        base = self._base_model()
         if base is not None:
             self.lock.validate(base, force=self.force)
         screen = BaseRefusal(tokenizer, base=base)
@@ -256,7 +256,7 @@ class Deployment:
         return screen.applied(model)
 
     def _base_model(self) -> Any:
-        """Return the aligned base to ask as a second model (loaded from its spec once), or None."""
+        """Return the aligned base to ask as a second model (loaded from its spec at each open), or None."""
         if self.base_model is None or not isinstance(self.base_model, (str, Path)):
             return self.base_model
         from .models import load_model
