@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from safetylock.stats import wilson
@@ -50,7 +51,7 @@ def label(row: dict) -> tuple[str, str]:
     return NAMES.get(row["defense"], row["defense"]), strength
 
 
-def table(rows: list[dict], base: dict | None, cell: callable) -> list[str]:
+def table(rows: list[dict], base: dict | None, cell: Callable[[dict], str]) -> list[str]:
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     out = ["| defense | strength | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
     if base is not None:
@@ -58,10 +59,9 @@ def table(rows: list[dict], base: dict | None, cell: callable) -> list[str]:
     keys = list(dict.fromkeys((r["defense"], r.get("alpha")) for r in rows))
     for defense, alpha in keys:
         by_attack = {r["attack"]: r for r in rows if (r["defense"], r.get("alpha")) == (defense, alpha)}
-        first = next(iter(by_attack.values()))
-        name, _ = label(first)
-        stars = {label(r)[1] for r in by_attack.values()}
-        strength = "-" if alpha is None else f"{alpha:g}" + ("*" if any(s.endswith("*") for s in stars) else "")
+        labels = [label(r) for r in by_attack.values()]
+        name = labels[0][0]
+        strength = next((s for _, s in labels if s.endswith("*")), labels[0][1])  # starred where calibrated
         cells = [cell(by_attack[a]) if a in by_attack else "-" for a in attacks]
         out.append(f"| {name} | {strength} | " + " | ".join(cells) + " |")
     return out
