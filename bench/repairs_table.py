@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from statistics import median_high
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,10 +74,10 @@ def costs(rows: list[dict]) -> list[str]:
     for defense in dict.fromkeys(r["defense"] for r in rows):
         mine = [r for r in rows if r["defense"] == defense]
         prep = max((r.get("prep_seconds") or 0.0) for r in mine)
-        apply_s = sorted(r.get("apply_seconds") or 0.0 for r in mine)[len(mine) // 2]
-        tps = sorted(r.get("tps_ratio") or 0.0 for r in mine)[len(mine) // 2]
+        apply_s = median_high(r.get("apply_seconds") or 0.0 for r in mine)
+        tps = median_high(r.get("tps_ratio") or 0.0 for r in mine)
         screen = [r["seconds_per_prompt"] for r in mine if r.get("seconds_per_prompt") is not None]
-        screen_text = f"{sorted(screen)[len(screen) // 2]:.2f}" if screen else "-"
+        screen_text = f"{median_high(screen):.2f}" if screen else "-"
         out.append(f"| {NAMES.get(defense, defense)} | {prep:.0f} | {apply_s:.3g} | {tps:.2f} | {screen_text} |")
     return out
 
