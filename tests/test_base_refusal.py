@@ -41,6 +41,36 @@ def test_the_screen_refuses_where_the_base_starts_refusing_and_keeps_the_fine_tu
     assert generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts == plain  # the hooks are gone
 
 
+def test_restore_gives_the_bases_opening_where_only_the_fine_tune_refuses(tokenizer, monkeypatch):
+    """Prompt 0: the base refuses (fixed refusal). Prompt 1: the fine-tune refuses, the base does not (the reply
+    opens with the base's first tokens, then the fine-tune writes on). Prompt 2: neither (the fine-tune's own)."""
+    import safetylock.base_refusal as br
+
+    ft = lora_fine_tune()
+    with ft.disable_adapter():
+        base_first = generate(ft, tokenizer, PROMPTS, max_new_tokens=5).texts
+    tuned_first = generate(ft, tokenizer, PROMPTS, max_new_tokens=5).texts
+    assert len({t.strip() for t in base_first + tuned_first}) == 2 * len(PROMPTS)
+    marked = {base_first[0].strip(), tuned_first[1].strip()}
+    monkeypatch.setattr(br, "refusal_marker", lambda text: "marker" if text.strip() in marked else None)
+    plain = generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts
+    screen = BaseRefusal(tokenizer, tokens=5, restore=True)
+    with screen.applied(ft):
+        screened = generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts
+    assert screened[0] == REFUSAL_MESSAGE and screened[2] == plain[2]
+    assert screened[1].startswith(base_first[1].rstrip()) and screened[1] != plain[1]
+    assert screen.describe()["restored"] == 1 and screen.describe()["refused"] == 1
+    with BaseRefusal(tokenizer, tokens=5).applied(ft):  # without restore the fine-tune's refusal stands
+        assert generate(ft, tokenizer, PROMPTS, max_new_tokens=48).texts[1] == plain[1]
+
+
+def test_an_opening_stops_after_the_first_end_token():
+    from safetylock.base_refusal import opening
+
+    assert opening(torch.tensor([5, 6, 2, 0, 0]), [0, 2]) == [5, 6, 2]
+    assert opening(torch.tensor([5, 6, 7]), [0, 2]) == [5, 6, 7]
+
+
 def test_base_starts_refusing_returns_the_bases_opening(tokenizer):
     ft = lora_fine_tune()
     with ft.disable_adapter():

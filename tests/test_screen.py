@@ -126,6 +126,35 @@ def test_decide_may_run_the_model_itself(tokenizer):
     assert torch.equal(out[0], expected_reply(tokenizer, 5))
 
 
+def test_an_opening_is_forced_then_the_model_continues_from_it(tokenizer):
+    """Row 1 gets a 3-token opening, row 2 one that ends in EOS; row 0 the message. After its opening, row 1 is
+    the model's own continuation of the opening, exactly as if the opening had been part of the prompt."""
+    model = tiny_model("qwen2")
+    enc = batch(tokenizer)
+    head, short = [11, 12, 13], [14, 2]
+    with forced_reply(model, tokenizer, lambda ids, mask: (torch.tensor([True, False, False]),
+                                                          [[7, 7], head, short])) as screen:
+        out = generated(model, enc, max_new_tokens=10)
+    assert torch.equal(out[0], expected_reply(tokenizer, 10))  # a flagged row's opening is ignored
+    assert out[1, :3].tolist() == head and out[2, :2].tolist() == short and set(out[2, 2:].tolist()) <= {0}
+    extended = {"input_ids": torch.cat([enc["input_ids"][1:2], torch.tensor([head])], 1),
+                "attention_mask": torch.cat([enc["attention_mask"][1:2], torch.ones(1, 3, dtype=torch.long)], 1)}
+    alone = generated(model, extended, max_new_tokens=7)
+    assert torch.equal(out[1, 3:], alone[0])
+    assert screen.refused == 1 and screen.opened == 2
+
+
+def test_openings_must_be_one_per_row_and_in_the_vocabulary(tokenizer):
+    model = tiny_model("llama")
+    enc = batch(tokenizer)
+    with pytest.raises(SafetylockError, match="one per row"):
+        with forced_reply(model, tokenizer, lambda ids, mask: (FLAGS, [[1]])):
+            model(**enc)
+    with pytest.raises(SafetylockError, match="opening is outside"):
+        with forced_reply(model, tokenizer, lambda ids, mask: (FLAGS, [[], [10 ** 6], []])):
+            model(**enc)
+
+
 def test_hooks_are_removed_even_after_an_error(tokenizer):
     model = tiny_model("llama")
     enc = batch(tokenizer)

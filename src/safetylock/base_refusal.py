@@ -12,6 +12,13 @@ prefill (the adapter off) plus `tokens` decode steps of the base. A fine-tune gi
 base; a merged or fully fine-tuned model has none left to switch to, so the aligned base is handed in as a
 second model (`base=`), at the cost of its memory, and asked the same way.
 
+With `restore` the screen also works the other way: where the base does not start refusing but the fine-tune
+does (its own first `tokens` reply tokens, the adapter on, carry a marker), the reply opens with the base's
+first tokens and the fine-tune writes the rest. A fine-tune that learned to over-refuse is then held to the
+base's standard of answering too; the cost is a second probe (`tokens` decode steps of the fine-tune) per
+prompt, and a fine-tune's deliberate refusals (a support bot declining off-topic requests) are overridden
+wherever the base would answer, which is why it is an option (`--defense base-refusal-restore`).
+
 `first_tokens_refuse` scores a cached base reply the same way, which is how `ood` composes this screen.
 """
 
@@ -73,6 +80,43 @@ def base_starts_refusing(model: Any, tokenizer: Any, ids: torch.Tensor, mask: to
     return refusing(texts, ids.device), texts
 
 
+def opening(reply: torch.Tensor, ends: Sequence[int]) -> list[int]:
+    """Return a reply's token ids up to and including its first end token (EOS or pad), or all of them."""
+    ids = [int(t) for t in reply]
+    stop = next((i for i, t in enumerate(ids) if t in ends), None)
+    return ids if stop is None else ids[: stop + 1]
+
+
+def end_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Return the ids that end a reply: the generation config's EOS ids, the tokenizer's EOS and its pad."""
+    config_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None)
+    ends = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
+    ends += [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
+    return sorted({int(t) for t in ends})
+
+
+@torch.no_grad()
+def restore_openings(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, flags: torch.Tensor,
+                     base_ids: torch.Tensor, tokens: int) -> list[list[int]]:
+    """Return per row the base's opening where the base did not start refusing but the fine-tune does, else [].
+
+    The fine-tune (`model` with its adapter on, or the merged model itself) writes its first `tokens` greedy
+    reply tokens for the rows the base lets through; those that carry a refusal marker get the base's opening."""
+    openings: list[list[int]] = [[] for _ in range(ids.shape[0])]
+    asked = [row for row, flagged in enumerate(flags.tolist()) if not flagged]
+    if not asked:
+        return openings
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(input_ids=ids[asked], attention_mask=mask[asked], max_new_tokens=tokens, do_sample=False,
+                         pad_token_id=pad)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
+    ends = end_ids(model, tokenizer)
+    for row, refuses in zip(asked, refusing(texts).tolist()):
+        if refuses:
+            openings[row] = opening(base_ids[row], ends)
+    return openings
+
+
 @torch.no_grad()
 def base_reply_ids(model: Any, ids: torch.Tensor, mask: torch.Tensor, tokens: int, pad_id: int) -> torch.Tensor:
     """Return the base's first `tokens` greedy reply ids per row (pad after an early end): the adapter, if any, off."""
@@ -102,13 +146,16 @@ class BaseRefusal(Defense):
     name = "base-refusal"
 
     def __init__(self, tokenizer: Any = None, tokens: int = BASE_REFUSAL_TOKENS, message: str = REFUSAL_MESSAGE,
-                 plain_is_base: bool = False, base: Any = None) -> None:
+                 plain_is_base: bool = False, base: Any = None, restore: bool = False) -> None:
         self.tokenizer = tokenizer
         self.base = base  # the aligned base as a second model (a merged fine-tune); None: the adapter off
         self.asks = "a second model" if base is not None else "the adapter off"
         self.tokens = check_tokens(tokens)
         self.message = message
         self.plain_is_base = plain_is_base  # a model without an adapter is the base itself (the bench's "none" row)
+        self.restore = restore  # also give the base's opening where the fine-tune refuses and the base does not
+        if restore:
+            self.name = "base-refusal-restore"
         self.last: Screen | None = None
 
     def _tokenizer(self, model: Any) -> Any:
@@ -131,8 +178,13 @@ class BaseRefusal(Defense):
             check_same_vocab(model, self.base)
         tokenizer = self._tokenizer(model)
 
-        def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return base_starts_refusing(model, tokenizer, ids, mask, self.tokens, self.plain_is_base, self.base)[0]
+        def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[list[int]]]:
+            if not self.restore:
+                return base_starts_refusing(model, tokenizer, ids, mask, self.tokens, self.plain_is_base, self.base)[0]
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            first = base_reply_ids(self.base if self.base is not None else model, ids, mask, self.tokens, pad)
+            flags = refusing([tokenizer.decode(row, skip_special_tokens=True) for row in first], ids.device)
+            return flags, restore_openings(model, tokenizer, ids, mask, flags, first, self.tokens)
 
         with forced_reply(model, tokenizer, decide, self.message) as screen:
             self.last = screen
@@ -144,6 +196,8 @@ class BaseRefusal(Defense):
                 "asks": self.asks,
                 "screened": screen.prompts if screen is not None else 0,
                 "refused": screen.refused if screen is not None else 0,
+                "restore": self.restore,
+                "restored": screen.opened if screen is not None else 0,
                 "seconds_per_prompt": screen.seconds_per_prompt if screen is not None else None}
 
 
@@ -153,4 +207,5 @@ def refusal_flags(tokenizer: Any, replies: Sequence[str], tokens: int = BASE_REF
 
 
 __all__ = ["BASE_REFUSAL_TOKENS", "BaseRefusal", "base_reply_ids", "base_starts_refusing", "check_same_vocab",
-           "check_tokens", "first_tokens_refuse", "refusal_flags", "refusing"]
+           "check_tokens", "end_ids", "first_tokens_refuse", "opening", "refusal_flags", "refusing",
+           "restore_openings"]

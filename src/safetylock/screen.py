@@ -6,6 +6,11 @@ logits of the last position are forced (-inf everywhere but one token, 0 there) 
 then to EOS for ever, so greedy and sampled decoding (batched, left-padded) both emit exactly the message and
 stop. Unflagged rows' logits are the model's own, bit for bit. The hooks are removed on exit.
 
+`decide` may instead return `(flags, openings)`: `openings[row]` is a list of token ids (empty for none) that an
+unflagged row is forced through first, after which the model's own logits take over. That hands a reply's
+first tokens to another writer (the base-refusal screen's `restore` gives the base's opening to prompts the
+fine-tune would refuse but the base answers); an opening that ends in EOS ends the reply there.
+
 What starts a sequence: a call with an empty or absent KV cache, except a `use_cache=False` call whose ids
 extend the previous prompt's (that is `generate(use_cache=False)` feeding the whole sequence again). A call
 that extends a non-empty cache continues the rows' state (cached decoding, one token or more). Only the last
@@ -32,7 +37,7 @@ from .arch import unwrap
 from .errors import SafetylockError
 
 REFUSAL_MESSAGE = "I can't help with that request."
-Decide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Decide = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, list[list[int]]]"]
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Screen:
     flagged: torch.Tensor | None = None  # (batch,) bool, the latest prompt batch
     prompts: int = 0  # rows decided
     refused: int = 0  # rows flagged
+    opened: int = 0  # rows forced through an opening of another writer's, then left to the model
     seconds: float = 0.0  # wall time inside `decide`
 
     @property
@@ -56,6 +62,7 @@ class _State:
     depth: int = 0  # nesting of hooked forwards in flight (the wrapper's, then the model's, or decide's own calls)
     prompt: torch.Tensor | None = None  # (batch, length) ids of the sequence start
     index: int = 0  # which reply token this call's last position predicts
+    openings: list[list[int]] = field(default_factory=list)  # per row of the latest batch; [] for none
     handles: list[Any] = field(default_factory=list)
 
 
@@ -80,11 +87,28 @@ def reply_end_id(model: Any, tokenizer: Any) -> int:
     raise SafetylockError("neither the tokenizer nor the model's generation config names an EOS token")
 
 
-def forced_logits(logits: torch.Tensor, rows: torch.Tensor, token: int) -> torch.Tensor:
-    """Return `logits` (batch, vocab) with each row in `rows` replaced by 0 at `token` and -inf elsewhere."""
-    forced = torch.full_like(logits, float("-inf"))
-    forced[:, token] = 0.0
+def forced_logits(logits: torch.Tensor, rows: torch.Tensor, token: int | torch.Tensor) -> torch.Tensor:
+    """Return `logits` (batch, vocab) with each row in `rows` replaced by 0 at `token` and -inf elsewhere.
+
+    `token` is one id for every row, or a (batch,) tensor of ids, one per row."""
+    tokens = torch.as_tensor(token, device=logits.device).long().expand(logits.shape[0])
+    forced = torch.full_like(logits, float("-inf")).scatter(1, tokens[:, None], 0.0)
     return torch.where(rows.to(logits.device)[:, None], forced, logits)
+
+
+def _decision(decided: Any, rows: int, width: int | None) -> tuple[torch.Tensor, list[list[int]]]:
+    """Return (flags, openings) from what `decide` returned (flags alone, or flags and openings), checked."""
+    flags, openings = decided if isinstance(decided, tuple) else (decided, None)
+    flags = torch.as_tensor(flags)
+    if flags.shape != (rows,):
+        raise SafetylockError(f"decide returned shape {tuple(flags.shape)}; it must return one flag per row ({rows})")
+    openings = [[] for _ in range(rows)] if openings is None else [[int(t) for t in o] for o in openings]
+    if len(openings) != rows:
+        raise SafetylockError(f"decide returned {len(openings)} openings; it must return one per row ({rows})")
+    bad = [t for o in openings for t in o if width is not None and not 0 <= t < width]
+    if bad:
+        raise SafetylockError(f"token {bad[0]} of an opening is outside the model's {width}-token vocabulary")
+    return flags.bool(), openings
 
 
 def _call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
@@ -133,15 +157,14 @@ def forced_reply(model: Any, tokenizer: Any, decide: Decide, message: str = REFU
             state.index = ids.shape[1] - prompt.shape[1]
             return
         began = time.perf_counter()
-        flags = decide(ids, mask)
+        decided = decide(ids, mask)
         screen.seconds += time.perf_counter() - began
-        flags = torch.as_tensor(flags, device=ids.device)
-        if flags.shape != (ids.shape[0],):
-            raise SafetylockError(f"decide returned shape {tuple(flags.shape)}; it must return one flag per row "
-                                  f"({ids.shape[0]})")
-        screen.flagged = flags.bool()
+        flags, openings = _decision(decided, ids.shape[0], None if width is None else int(width))
+        screen.flagged = flags.to(ids.device)
+        state.openings = [[] if f else o for f, o in zip(screen.flagged.tolist(), openings)]
         screen.prompts += ids.shape[0]
         screen.refused += int(screen.flagged.sum())
+        screen.opened += sum(bool(o) for o in state.openings)
         state.prompt = ids.detach().clone()
         state.index = 0
 
@@ -160,20 +183,31 @@ def forced_reply(model: Any, tokenizer: Any, decide: Decide, message: str = REFU
         if state.depth == 0:  # `before` failed and reset; nothing to undo
             return None
         state.depth -= 1
-        if state.depth > 0 or output is None or screen.flagged is None or not bool(screen.flagged.any()):
+        if state.depth > 0 or output is None or screen.flagged is None:
+            return None
+        rows, tokens = forced_now(screen.flagged, state.openings, state.index)
+        if not bool(rows.any()):
             return None
         logits = getattr(output, "logits", None)
         if logits is None and isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
             logits = output[0]
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             raise SafetylockError("a fixed reply needs the model to return logits of shape (batch, tokens, vocab)")
-        token = reply[min(state.index, len(reply) - 1)]
         new = logits.clone()
-        new[:, -1] = forced_logits(logits[:, -1], screen.flagged, token)
+        new[:, -1] = forced_logits(logits[:, -1], rows, tokens)
         if isinstance(output, tuple):
             return (new, *output[1:])
         output.logits = new
         return output
+
+    def forced_now(flagged: torch.Tensor, openings: list[list[int]], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (rows forced at reply token `index`, the token per row): the message's, or an opening's."""
+        tokens = torch.full(flagged.shape, reply[min(index, len(reply) - 1)], dtype=torch.long)
+        rows = flagged.clone().cpu()
+        for row, opening in enumerate(openings):
+            if index < len(opening):
+                rows[row], tokens[row] = True, opening[index]
+        return rows, tokens
 
     modules = [model] if unwrap(model) is model else [model, unwrap(model)]
     try:

@@ -13,7 +13,8 @@ from .refusal_direction import RefusalDirection, RefusalDirectionDefense
 from .safety_sft import SafetySFT
 
 DEFENSES = ("none", "safetylock", "safetylock-conditional", "iti", "refusal-direction", "self-reminder", "safety-sft",
-            "resta", "safe-lora", "guard", "gate-refusal", "base-refusal")
+            "resta", "safe-lora", "guard", "gate-refusal", "base-refusal",
+            "base-refusal-restore")
 # Screens whose strength is a logit threshold of any sign (lower refuses more); every other strength is > 0.
 THRESHOLDED = ("guard", "gate-refusal")
 
@@ -37,10 +38,10 @@ def make_defense(name: str, artifact: str | Path | None = None, *, conditional: 
         return NoDefense()
     if name == "self-reminder":
         return SelfReminder(system or SELF_REMINDER)
-    if name == "base-refusal":  # no artifact: the base's own first reply tokens decide (base_refusal.py)
+    if name in ("base-refusal", "base-refusal-restore"):  # no artifact: the base's first reply tokens decide
         from ..base_refusal import BaseRefusal
 
-        return BaseRefusal()
+        return BaseRefusal(restore=name == "base-refusal-restore")
     assert artifact is not None
     if name == "safetylock":
         return LockDefense(Lock.load(artifact), conditional=conditional, force=force)

@@ -116,10 +116,10 @@ def cell_defense(name: str, artifact: Path | None, session: ModelSession | None 
 
         assert artifact is not None
         return GateRefusal(Lock.load(artifact), tokenizer=session.tokenizer)
-    if name == "base-refusal" and session is not None:  # the unattacked row's model is the base itself
+    if name in ("base-refusal", "base-refusal-restore") and session is not None:  # the unattacked row: the base
         from ..base_refusal import BaseRefusal
 
-        return BaseRefusal(session.tokenizer, plain_is_base=True)
+        return BaseRefusal(session.tokenizer, plain_is_base=True, restore=name == "base-refusal-restore")
     if name == "guard" and session is not None:  # the guard loads through the bench's loader
         from ..guard import GuardDefense
 

@@ -173,7 +173,7 @@ def _cell(ctx: RunContext, session: ModelSession, mid: str, attack: AttackSpec, 
         dkey: Any = (defense, artifact_key(ctx, mid, defense))
     elif defense == "safety-sft":
         dkey = (defense, cache_key("safety-sft", akey, s.fit_prompts, s.sft_steps, s.sft_batch, s.sft_lr, s.seed))
-    elif defense == "base-refusal":
+    elif defense in ("base-refusal", "base-refusal-restore"):
         from ..base_refusal import BASE_REFUSAL_TOKENS
         from ..screen import REFUSAL_MESSAGE
 

@@ -64,7 +64,8 @@ SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System promp
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16), bf16, fp16 or fp32.")]
 DefenseOpt = Annotated[Optional[str], typer.Option("--defense", help="Baseline defense: none, safetylock, iti, "
                                                    "refusal-direction, self-reminder, safety-sft, resta, safe-lora, "
-                                                   "guard, gate-refusal, base-refusal (docs/baselines.md).")]
+                                                   "guard, gate-refusal, base-refusal, base-refusal-restore "
+                                                   "(docs/baselines.md).")]
 DefenseFileOpt = Annotated[Optional[Path], typer.Option("--defense-file", help="The defense's artifact: lock file "
                                                         "(safetylock, gate-refusal), safety-SFT adapter dir, or a file "
                                                         "from `safetylock fit-defense`.")]
