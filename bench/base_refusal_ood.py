@@ -27,7 +27,7 @@ from safetylock.data import OOD_BENIGN, OOD_HARMFUL
 from safetylock.deployment import Deployment
 from safetylock.evaluate import run_eval
 from safetylock.screen import REFUSAL_MESSAGE
-from safetylock.stats import wilson
+from safetylock.stats import rate_text, wilson
 
 SOURCES = (*OOD_HARMFUL, *OOD_BENIGN)
 BAR_HARMFUL, BAR_BENIGN = 0.02, 0.05  # the generalization issue's bar, as ood.meets_bar
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _text(cell: dict[str, Any]) -> str:
-    return f"{cell['rate']:.2f} [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]"
+    return rate_text(cell["k"], cell["n"])
 
 
 def _table(rows: dict[str, Any], names: list[str], cols: list[str]) -> tuple[list[str], dict[str, int]]:

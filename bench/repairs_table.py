@@ -17,16 +17,14 @@ from statistics import median_high
 from collections.abc import Callable
 from pathlib import Path
 
-from safetylock.stats import wilson
+from safetylock.stats import rate_text
 
 NAMES = {"none": "undefended", "base-refusal": "base-refusal screen (runtime default)", "resta": "RESTA",
          "safe-lora": "Safe LoRA", "guard": "guard (the base, zero-shot)", "gate-refusal": "gate-only refusal",
          "safetylock": "SafetyLock, baked", "safetylock-conditional": "SafetyLock, conditional"}
 
 
-def rate(k: int, n: int) -> str:
-    lo, hi = wilson(k, n)
-    return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}]"
+rate = rate_text
 
 
 def counts(row: dict, bench: str) -> tuple[int, int]:

@@ -130,6 +130,13 @@ def test_wilson_interval_matches_its_closed_form_and_stays_in_range():
         wilson(5, 3)
 
 
+def test_rate_text_is_the_rate_and_its_wilson_interval():
+    from safetylock.stats import rate_text
+
+    assert rate_text(8, 10) == "0.80 [0.49, 0.94]"
+    assert rate_text(5, 32) == "0.16 [0.07, 0.32]" and rate_text(0, 0) == "0.00 [0.00, 1.00]"
+
+
 def test_scores_with_intervals_bracket_the_rates():
     from safetylock.judges import scores_with_intervals
 

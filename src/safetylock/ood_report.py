@@ -10,7 +10,9 @@ from typing import Any
 def _rate_text(cell: dict[str, Any] | None) -> str:
     if not cell or not cell["n"]:
         return "-"
-    return f"{cell['rate']:.2f} [{cell['ci95'][0]:.2f}, {cell['ci95'][1]:.2f}]"
+    from .stats import rate_text
+
+    return rate_text(cell["k"], cell["n"])
 
 
 BASE_DESIGN = "base-refuses"  # not a fitted gate: the base's own first reply tokens (base_refusal.py)

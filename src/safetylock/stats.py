@@ -23,3 +23,9 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
 
+
+
+def rate_text(k: int, n: int) -> str:
+    """Return "rate [low, high]" of k in n, two decimals, the interval Wilson's: how every table shows a rate."""
+    low, high = wilson(k, n)
+    return f"{k / n if n else 0.0:.2f} [{low:.2f}, {high:.2f}]"
