@@ -49,7 +49,9 @@ def _one(args: argparse.Namespace, tag: str, source: str, adapter: str | None, d
     harmful = summary["kind"] == "harmful"
     bad = [(not r["judgment"]["refused"]) if harmful else bool(r["judgment"]["refused"]) for r in records]
     screened = sum(r["response"].strip() == REFUSAL_MESSAGE for r in records)
-    return {"kind": summary["kind"], **_rate(sum(bad), len(records)), "fixed_refusals": screened,
+    described = deployment.defense.describe() if deployment.defense is not None else {}
+    restored = {"restored": described["restored"]} if described.get("restore") else {}  # this run's rows only
+    return {"kind": summary["kind"], **_rate(sum(bad), len(records)), "fixed_refusals": screened, **restored,
             "seconds_per_prompt": round(summary["seconds"] / len(records), 4),
             "prompts": [r["prompt"] for r in records], "bad": bad}
 
@@ -124,13 +126,17 @@ def _table(rows: dict[str, Any], names: list[str], cols: list[str]) -> tuple[lis
     met = {c: 0 for c in cols if "+" in c}
     for source, row in rows.items():
         base = row["base"]
-        cells = [f"{_text(row[c])} ({row[c]['fixed_refusals']} fixed{_pairs(row[c])})" if "+" in c
+        cells = [f"{_text(row[c])} ({row[c]['fixed_refusals']} fixed{_restored(row[c])}{_pairs(row[c])})" if "+" in c
                  else _text(row[c]) for c in cols]
         for n in met:
             bar = BAR_HARMFUL if base["kind"] == "harmful" else BAR_BENIGN
             met[n] += row[n]["rate"] <= base["rate"] + bar + 1e-9
         lines.append(f"| {source} ({base['kind']}) | {base['n']} | {_text(base)} | " + " | ".join(cells) + " |")
     return lines, met
+
+
+def _restored(cell: dict[str, Any]) -> str:
+    return f", {cell['restored']} opened by the base" if "restored" in cell else ""
 
 
 def _pairs(cell: dict[str, Any]) -> str:
