@@ -27,7 +27,8 @@ TYPED := src/safetylock/lock src/safetylock/gates.py src/safetylock/ood.py src/s
 	src/safetylock/prompt_attacks.py src/safetylock/screen.py src/safetylock/repair src/safetylock/guard.py \
 	src/safetylock/deployment.py src/safetylock/arch.py src/safetylock/bench src/safetylock/calibrate.py \
 	src/safetylock/baselines/fitting.py src/safetylock/baselines/lock_defenses.py src/safetylock/cli/defense_commands.py \
-	src/safetylock/base_refusal.py src/safetylock/cli/options.py src/safetylock/cli/serve_commands.py src/safetylock/cli/model_commands.py
+	src/safetylock/base_refusal.py src/safetylock/cli/options.py src/safetylock/cli/serve_commands.py src/safetylock/cli/model_commands.py \
+	src/safetylock/cli/lock_commands.py src/safetylock/cli/eval_commands.py src/safetylock/cli/bench_commands.py
 
 test: $(STAMP)
 	$(BIN)/python -m mypy --strict $(TYPED)

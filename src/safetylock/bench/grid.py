@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ def run_bench(
     outdir: str | Path,
     *,
     limit: int | None = None,
-    alphas: dict[str, Sequence[float]] | None = None,
+    alphas: Mapping[str, Sequence[float]] | None = None,
     attack_steps: Sequence[int] | None = None,
     fresh: bool = False,
     settings: BenchSettings | None = None,

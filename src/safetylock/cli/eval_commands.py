@@ -98,10 +98,10 @@ def judge_command(
     from ..files import atomic_file
 
     check_writable_file(out)
-    table = read_table(input)
-    if not table:
+    records = read_table(input)
+    if not records:
         raise SafetylockError(f"{input} holds no rows to judge; it needs a prompt and a response column")
-    rows = judge_file(table, get_judge(judge))
+    rows = judge_file(records, get_judge(judge))
     with atomic_file(out) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")

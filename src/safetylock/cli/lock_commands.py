@@ -217,7 +217,7 @@ def calibrate_command(
     if result.chosen is None:
         raise SafetylockError(f"no alpha in {grid} keeps benign refusals within {budget:.2f} of the reference "
                               f"({result.reference_benign_refusal_rate:.2f}); try smaller alphas or a larger --budget")
-    if not result.target_met:
+    if not result.target_met and result.chosen_point is not None:
         err.print(f"warning: no alpha reaches harmful <= {result.target:.2f} within the benign budget; alpha "
                   f"{result.chosen:g} is the least harmful that stays within it "
                   f"({result.chosen_point.harmful_rate:.2f} harmful). "
