@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..files import check_writable_file
-from .options import AlphaOpt, DtypeOpt, ModelOpt, lock_mode
+from .options import AlphaOpt, DtypeOpt, ModelOpt, flag_mode
 from .output import console, err
 
 
@@ -43,10 +43,14 @@ def serve_command(
     """Serve the locked base and its adapters with OpenAI's chat-completions API."""
     from ..serve import Engine, parse_adapter_specs, read_admin_token, serve
 
+    from ..deployment import resolve_mode
+    from ..lock import Lock
+
     admin_token = read_admin_token(admin_token, admin_token_file)
+    read = Lock.load(lock)  # once: it picks the defaults below and is what the engine applies
     if base_refusal is None:
-        base_refusal = lock_mode(conditional, lock) == "conditional"
-    engine = Engine.from_spec(model, lock, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
+        base_refusal = resolve_mode(read, flag_mode(conditional)) == "conditional"
+    engine = Engine.from_spec(model, read, alpha=alpha, adapters=parse_adapter_specs(adapter or []), dtype=dtype,
                               name=served_name, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
                               force=force, conditional=conditional,
                               base_refusal=base_refusal_tokens if base_refusal else None)

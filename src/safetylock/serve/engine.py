@@ -119,13 +119,14 @@ class Engine:
         self._worker.start()
 
     @classmethod
-    def from_spec(cls, spec: str, lock_path: str | Path, *, alpha: float | None = None,
+    def from_spec(cls, spec: str, lock_path: str | Path | Any, *, alpha: float | None = None,
                   adapters: dict[str, str] | None = None, dtype: str = "auto", device: str | None = None,
                   name: str | None = None, conditional: bool | None = False, base_refusal: int | None = None,
                   **options: Any) -> Engine:
         """Return an engine for a model spec with the lock file applied and the adapters loaded.
 
         `conditional` None applies the lock the way `resolve_mode` picks (conditional with a harmfulness probe).
+        `lock_path` is a lock file or a `Lock` already read (the CLI reads it once to pick its defaults).
         """
         from ..deployment import resolve_mode
         from ..lock import Lock
@@ -135,11 +136,12 @@ class Engine:
             alpha = check_alpha(alpha, "--alpha")
         if base_refusal is not None:
             base_refusal = check_tokens(base_refusal)
-        lock = Lock.load(Path(lock_path))
+        lock = lock_path if isinstance(lock_path, Lock) else Lock.load(Path(lock_path))
         if conditional is None:
             conditional = resolve_mode(lock, None) == "conditional"
         elif conditional and not lock.has_condition:
-            raise SafetylockError(f"{lock_path} has no harmfulness probe; extract it with --conditional to serve it so")
+            where = "this lock" if isinstance(lock_path, Lock) else str(lock_path)
+            raise SafetylockError(f"{where} has no harmfulness probe; extract it with --conditional to serve it so")
         model, tokenizer = load_model(spec, dtype=dtype, device=device)
         served = name or (Path(spec).name if Path(spec).expanduser().exists() else spec)
         engine = cls(model, tokenizer, lock, alpha=alpha, name=served, conditional=conditional,
