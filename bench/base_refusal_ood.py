@@ -50,10 +50,18 @@ def _one(args: argparse.Namespace, tag: str, source: str, adapter: str | None, d
     bad = [(not r["judgment"]["refused"]) if harmful else bool(r["judgment"]["refused"]) for r in records]
     screened = sum(r["response"].strip() == REFUSAL_MESSAGE for r in records)
     described = deployment.defense.describe() if deployment.defense is not None else {}
-    restored = {"restored": described["restored"]} if described.get("restore") else {}  # this run's rows only
+    restored = {"restored": _restored_so_far(out, described["restored"])} if described.get("restore") else {}
     return {"kind": summary["kind"], **_rate(sum(bad), len(records)), "fixed_refusals": screened, **restored,
             "seconds_per_prompt": round(summary["seconds"] / len(records), 4),
             "prompts": [r["prompt"] for r in records], "bad": bad}
+
+
+def _restored_so_far(out: Path, this_run: int) -> int:
+    """Return the replies base-refusal-restore has opened in this eval directory, over resumed runs too."""
+    where = out / "restored.json"
+    total = (json.loads(where.read_text(encoding="utf-8"))["restored"] if where.exists() else 0) + this_run
+    where.write_text(json.dumps({"restored": total}) + "\n", encoding="utf-8")
+    return total
 
 
 def _row(args: argparse.Namespace, adapters: dict[str, str], source: str, attack: str | None) -> dict[str, Any]:

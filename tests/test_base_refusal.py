@@ -169,6 +169,32 @@ def test_a_merged_fine_tune_is_screened_by_its_base_as_a_second_model(tokenizer,
         screened = generate(merged, tokenizer, PROMPTS, max_new_tokens=48).texts
     assert screened == [plain[0], REFUSAL_MESSAGE, plain[2]]
     assert screen.describe()["asks"] == "a second model" and screen.describe()["refused"] == 1
+    # restore on the same path: where the merged fine-tune starts refusing and the base does not, the base opens
+    tuned_first = generate(merged, tokenizer, PROMPTS, max_new_tokens=5).texts
+    assert tuned_first[2].strip() != base_first[2].strip()
+    marked = {base_first[1].strip(), tuned_first[2].strip()}
+    monkeypatch.setattr(br, "refusal_marker", lambda text: "marker" if text.strip() in marked else None)
+    restore = BaseRefusal(tokenizer, tokens=5, base=base, restore=True)
+    with restore.applied(merged):
+        restored = generate(merged, tokenizer, PROMPTS, max_new_tokens=48).texts
+    assert restored[:2] == [plain[0], REFUSAL_MESSAGE] and restored[2] != plain[2]
+    assert restored[2].startswith(base_first[2].rstrip()) and restore.describe()["restored"] == 1
+
+
+def test_restore_on_the_base_itself_is_the_plain_screen(tokenizer, monkeypatch):
+    """The bench's unattacked row (plain_is_base): no fine-tune to probe, so restore gives nothing and adds no pass."""
+    import safetylock.base_refusal as br
+
+    model = tiny_model("qwen2")
+    first = generate(model, tokenizer, PROMPTS, max_new_tokens=5).texts
+    monkeypatch.setattr(br, "refusal_marker", lambda text: "marker" if text.strip() == first[0].strip() else None)
+    replies = []
+    for restore in (False, True):
+        screen = BaseRefusal(tokenizer, tokens=5, plain_is_base=True, restore=restore)
+        with screen.applied(model):
+            replies.append(generate(model, tokenizer, PROMPTS, max_new_tokens=48).texts)
+        assert screen.describe()["restored"] == 0 and screen.describe()["refused"] == 1
+    assert replies[0] == replies[1] and replies[0][0] == REFUSAL_MESSAGE
 
 
 def test_a_base_with_another_vocabulary_is_refused(tokenizer):

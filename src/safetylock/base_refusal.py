@@ -74,46 +74,54 @@ def base_starts_refusing(model: Any, tokenizer: Any, ids: torch.Tensor, mask: to
     base itself (the benchmark's unattacked row)."""
     if base is None and not has_adapter(model) and not plain_is_base:
         raise SafetylockError(NEEDS_ADAPTER)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     asked = base if base is not None else model
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in base_reply_ids(asked, ids, mask, tokens, pad)]
+    texts = [tokenizer.decode(row, skip_special_tokens=True)
+             for row in base_reply_ids(asked, ids, mask, tokens, pad_id(tokenizer))]
     return refusing(texts, ids.device), texts
+
+
+def pad_id(tokenizer: Any) -> int:
+    """Return the id `generate` pads finished rows with: the tokenizer's pad, else its EOS."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def opening(reply: torch.Tensor, ends: Sequence[int]) -> list[int]:
     """Return a reply's token ids up to and including its first end token (EOS or pad), or all of them."""
-    ids = [int(t) for t in reply]
+    ids = [int(t) for t in reply.tolist()]
     stop = next((i for i, t in enumerate(ids) if t in ends), None)
     return ids if stop is None else ids[: stop + 1]
 
 
-def end_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Return the ids that end a reply: the generation config's EOS ids, the tokenizer's EOS and its pad."""
-    config_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None)
-    ends = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
-    ends += [t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None]
-    return sorted({int(t) for t in ends})
+def end_ids(models: Sequence[Any], tokenizer: Any) -> list[int]:
+    """Return the ids that end a reply: every model's generation-config EOS ids, the tokenizer's EOS and pad."""
+    ends: list[Any] = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    for model in models:
+        config_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None)
+        ends += [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
+    return sorted({int(t) for t in ends if t is not None})
 
 
 @torch.no_grad()
 def restore_openings(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, flags: torch.Tensor,
-                     base_ids: torch.Tensor, tokens: int) -> list[list[int]]:
+                     base_ids: torch.Tensor, tokens: int, base: Any = None) -> list[list[int]]:
     """Return per row the base's opening where the base did not start refusing but the fine-tune does, else [].
 
     The fine-tune (`model` with its adapter on, or the merged model itself) writes its first `tokens` greedy
-    reply tokens for the rows the base lets through; those that carry a refusal marker get the base's opening."""
+    reply tokens for the rows the base lets through; those that carry a refusal marker get the base's opening
+    (`base_ids`, written by `base` or by `model` with its adapter off), cut at its first end token. An opening
+    with no text (the base ended at once) is not given: it would be an empty reply."""
     openings: list[list[int]] = [[] for _ in range(ids.shape[0])]
     asked = [row for row, flagged in enumerate(flags.tolist()) if not flagged]
     if not asked:
         return openings
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(input_ids=ids[asked], attention_mask=mask[asked], max_new_tokens=tokens, do_sample=False,
-                         pad_token_id=pad)
+                         pad_token_id=pad_id(tokenizer))
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
-    ends = end_ids(model, tokenizer)
+    ends = end_ids([model] + ([base] if base is not None else []), tokenizer)
     for row, refuses in zip(asked, refusing(texts).tolist()):
-        if refuses:
-            openings[row] = opening(base_ids[row], ends)
+        given = opening(base_ids[row], ends)
+        if refuses and tokenizer.decode(given, skip_special_tokens=True).strip():
+            openings[row] = given
     return openings
 
 
@@ -179,12 +187,13 @@ class BaseRefusal(Defense):
         tokenizer = self._tokenizer(model)
 
         def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[list[int]]]:
-            if not self.restore:
+            is_base = self.base is None and not has_adapter(model)  # the bench's unattacked row: nothing to restore
+            if not self.restore or is_base:
                 return base_starts_refusing(model, tokenizer, ids, mask, self.tokens, self.plain_is_base, self.base)[0]
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            first = base_reply_ids(self.base if self.base is not None else model, ids, mask, self.tokens, pad)
+            first = base_reply_ids(self.base if self.base is not None else model, ids, mask, self.tokens,
+                                   pad_id(tokenizer))
             flags = refusing([tokenizer.decode(row, skip_special_tokens=True) for row in first], ids.device)
-            return flags, restore_openings(model, tokenizer, ids, mask, flags, first, self.tokens)
+            return flags, restore_openings(model, tokenizer, ids, mask, flags, first, self.tokens, self.base)
 
         with forced_reply(model, tokenizer, decide, self.message) as screen:
             self.last = screen
@@ -207,5 +216,5 @@ def refusal_flags(tokenizer: Any, replies: Sequence[str], tokens: int = BASE_REF
 
 
 __all__ = ["BASE_REFUSAL_TOKENS", "BaseRefusal", "base_reply_ids", "base_starts_refusing", "check_same_vocab",
-           "check_tokens", "end_ids", "first_tokens_refuse", "opening", "refusal_flags", "refusing",
+           "check_tokens", "end_ids", "first_tokens_refuse", "opening", "pad_id", "refusal_flags", "refusing",
            "restore_openings"]

@@ -37,7 +37,7 @@ from .arch import unwrap
 from .errors import SafetylockError
 
 REFUSAL_MESSAGE = "I can't help with that request."
-Decide = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, list[list[int]]]"]
+Decide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, list[list[int]]]]
 
 
 @dataclass
@@ -98,7 +98,8 @@ def forced_logits(logits: torch.Tensor, rows: torch.Tensor, token: int | torch.T
 
 def _decision(decided: Any, rows: int, width: int | None) -> tuple[torch.Tensor, list[list[int]]]:
     """Return (flags, openings) from what `decide` returned (flags alone, or flags and openings), checked."""
-    flags, openings = decided if isinstance(decided, tuple) else (decided, None)
+    with_openings = isinstance(decided, tuple) and len(decided) == 2 and isinstance(decided[1], (list, tuple))
+    flags, openings = decided if with_openings else (decided, None)
     flags = torch.as_tensor(flags)
     if flags.shape != (rows,):
         raise SafetylockError(f"decide returned shape {tuple(flags.shape)}; it must return one flag per row ({rows})")
@@ -130,8 +131,8 @@ def forced_reply(model: Any, tokenizer: Any, decide: Decide, message: str = REFU
     """Make `model` reply `message` to the rows `decide` flags, inside the block; yield the running `Screen`.
 
     `decide(input_ids, attention_mask)` gets each new sequence's ids and 2-D mask (left padding as `generate`
-    uses) and returns a bool tensor with one entry per row. `eos_token_id` ends the message (default
-    `reply_end_id`). On exit the model computes exactly what it did before.
+    uses) and returns a bool tensor with one entry per row, or `(flags, openings)` (the module docstring).
+    `eos_token_id` ends the message (default `reply_end_id`). On exit the model computes exactly what it did before.
     """
     screen = Screen(message_token_ids(tokenizer, message),
                     int(eos_token_id) if eos_token_id is not None else reply_end_id(model, tokenizer))
