@@ -187,12 +187,12 @@ class BaseRefusal(Defense):
         tokenizer = self._tokenizer(model)
 
         def decide(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[list[int]]]:
-            is_base = self.base is None and not has_adapter(model)  # the bench's unattacked row: nothing to restore
-            if not self.restore or is_base:
-                return base_starts_refusing(model, tokenizer, ids, mask, self.tokens, self.plain_is_base, self.base)[0]
             first = base_reply_ids(self.base if self.base is not None else model, ids, mask, self.tokens,
                                    pad_id(tokenizer))
             flags = refusing([tokenizer.decode(row, skip_special_tokens=True) for row in first], ids.device)
+            is_base = self.base is None and not has_adapter(model)  # the bench's unattacked row: nothing to restore
+            if not self.restore or is_base:
+                return flags
             return flags, restore_openings(model, tokenizer, ids, mask, flags, first, self.tokens, self.base)
 
         with forced_reply(model, tokenizer, decide, self.message) as screen:

@@ -186,7 +186,10 @@ def forced_reply(model: Any, tokenizer: Any, decide: Decide, message: str = REFU
         state.depth -= 1
         if state.depth > 0 or output is None or screen.flagged is None:
             return None
-        rows, tokens = forced_now(screen.flagged, state.openings, state.index)
+        if any(state.openings):
+            rows, tokens = forced_now(screen.flagged, state.openings, state.index)
+        else:  # the common case, a message and no openings: no per-row work on each decode step
+            rows, tokens = screen.flagged, torch.tensor(reply[min(state.index, len(reply) - 1)])
         if not bool(rows.any()):
             return None
         logits = getattr(output, "logits", None)
